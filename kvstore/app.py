@@ -1,0 +1,182 @@
+"""The application factory.
+
+``create_app`` builds a Quart app from settings: routes, error handlers, the
+OpenAPI document and the request middleware. The Redis pool is opened when
+serving starts and closed when it stops, so creating an app costs nothing
+and connects nowhere.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+from quart import Quart
+
+from kvstore import __version__, api, probes
+from kvstore.errors import register_error_handlers
+from kvstore.logs import log_access, request_id_var
+from kvstore.openapi import install_openapi
+from kvstore.settings import Settings
+from kvstore.store import RedisStore, Store
+
+log = logging.getLogger(__name__)
+
+ASGIApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
+
+# Called once per request with method, route template, status and seconds.
+RequestObserver = Callable[[str, str, int, float], None]
+
+# The status logged for a request whose client left before any answer.
+CLIENT_CLOSED_REQUEST = 499
+
+_REQUEST_ID_HEADER = b"x-request-id"
+_MAX_REQUEST_ID_LENGTH = 128
+
+
+def create_app(settings: Settings | None = None, store: Store | None = None) -> Quart:
+    """Build the kvstore app.
+
+    ``settings`` default to ``Settings.from_env()``. ``store`` is for tests
+    and embedding: when given it is used as is and not closed by the app;
+    otherwise a ``RedisStore`` on ``settings.redis_url`` is opened when serving
+    starts. Raises ``ValueError`` if neither a store nor a Redis URL is given.
+    """
+    settings = settings or Settings.from_env()
+    if store is None and settings.redis_url is None:
+        raise ValueError("KVSTORE_REDIS_URL is not set and no store was given")
+    redis_url = settings.redis_url or ""
+    app = Quart("kvstore")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        # A streamed read of millions of keys may take longer than any fixed
+        # response timeout; each Redis call within it has its own deadline.
+        RESPONSE_TIMEOUT=None,
+        BODY_TIMEOUT=30,
+    )
+    app.url_map.merge_slashes = False
+    app.url_map.converters["key"] = api.KeyConverter
+    holder = api.StoreHolder()
+    if store is not None:
+        holder.store = store
+
+    @app.before_serving
+    async def open_store() -> None:
+        if store is None:
+            holder.store = RedisStore.from_settings(settings, redis_url)
+        log.info(
+            "kvstore %s serving", __version__, extra={"settings": settings.public()}
+        )
+
+    @app.after_serving
+    async def close_store() -> None:
+        if store is None:
+            await holder.store.aclose()
+            log.info("redis pool closed")
+
+    app.register_blueprint(api.create_blueprint(settings, holder))
+    app.register_blueprint(probes.create_blueprint(holder))
+    register_error_handlers(app, settings.retry_after)
+    install_openapi(app, settings)
+    app.extensions["kvstore.holder"] = holder
+    middleware = RequestMiddleware(app.asgi_app, route_templates(app), [])
+    app.extensions["kvstore.observers"] = middleware.observers
+    app.asgi_app = middleware  # type: ignore[method-assign]
+    return app
+
+
+def route_templates(app: Quart) -> Callable[[str], str]:
+    """A function from a request path to its route template.
+
+    Access lines and metrics are labelled by template (``/keys/{id}``), never
+    by the raw path, so a million keys never make a million labels. Paths that
+    match no route become ``other``.
+    """
+    exact: set[str] = set()
+    prefixes: list[tuple[str, str]] = []
+    for rule in app.url_map.iter_rules():
+        if "<" in rule.rule:
+            static, _, _ = rule.rule.partition("<")
+            prefixes.append((static, static + "{id}"))
+        else:
+            exact.add(rule.rule)
+
+    def template(path: str) -> str:
+        if path in exact:
+            return path
+        for static, route in prefixes:
+            if path.startswith(static):
+                return route
+        return "other"
+
+    return template
+
+
+class RequestMiddleware:
+    """Request id, access line and observers for every HTTP request.
+
+    The client's ``X-Request-ID`` is kept when it is short printable ASCII;
+    otherwise a new one is made. The id is echoed on the response and set in
+    the logging context. The access line is written when the response is
+    complete (streamed bodies included), or with status 499 when the client
+    left before an answer started.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        template: Callable[[str], str],
+        observers: list[RequestObserver],
+    ) -> None:
+        self.app = app
+        self.template = template
+        self.observers = observers
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve one ASGI connection scope."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _client_request_id(scope["headers"]) or uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        id_header = (_REQUEST_ID_HEADER, request_id.encode())
+        status = CLIENT_CLOSED_REQUEST
+
+        async def send_with_id(message: ASGISendEvent) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message["headers"], id_header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            method = scope["method"]
+            route = self.template(scope["path"])
+            log_access(method, route, status, started)
+            if self.observers:
+                elapsed = time.perf_counter() - started
+                for observer in self.observers:
+                    observer(method, route, status, elapsed)
+            request_id_var.reset(token)
+
+
+def _client_request_id(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == _REQUEST_ID_HEADER:
+            if 0 < len(value) <= _MAX_REQUEST_ID_LENGTH and value.isascii():
+                text = value.decode()
+                if text.isprintable():
+                    return text
+            return None
+    return None

@@ -1,0 +1,269 @@
+"""The OpenAPI 3.1 description of the HTTP API.
+
+Written out rather than derived from the routes: the API's rules (any JSON
+value, problem+json errors, ``Expires-In``, limits taken from the settings)
+are richer than route signatures can say. quart-schema serves it at
+``/openapi.json`` and renders it at ``/docs``.
+"""
+
+from typing import Any
+
+from quart_schema import QuartSchema
+from quart_schema.openapi import OpenAPIProvider
+
+from kvstore import __version__
+from kvstore.errors import PROBLEM_JSON, problem_schema
+from kvstore.settings import Settings
+
+_JSON = "application/json"
+
+
+def build_openapi(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document for a service running with ``settings``."""
+    any_value: dict[str, Any] = {"description": "Any JSON value."}
+    pairs = {
+        "type": "object",
+        "additionalProperties": any_value,
+        "description": "Keys and their JSON values.",
+    }
+    key_parameter = {
+        "name": "id",
+        "in": "path",
+        "required": True,
+        "description": (
+            f"The key: 1 to {settings.max_key_bytes} UTF-8 bytes, percent-encoded; "
+            "may contain '/'; no control characters."
+        ),
+        "schema": {"type": "string", "minLength": 1},
+    }
+    expire_parameter = {
+        "name": "expire_in",
+        "in": "query",
+        "required": False,
+        "description": (
+            "Lifetime in whole seconds. Without it the keys never expire and an "
+            "earlier expiry is cleared."
+        ),
+        "schema": {"type": "integer", "minimum": 1, "maximum": settings.max_expire_in},
+    }
+    filter_parameter = {
+        "name": "filter",
+        "in": "query",
+        "required": False,
+        "description": (
+            "Match whole keys; '$' matches any run of characters (the empty run "
+            "too), every other character only itself. At most "
+            f"{settings.max_filter_wildcards} runs of '$'."
+        ),
+        "schema": {"type": "string", "minLength": 1},
+    }
+    expires_header = {
+        "Expires-In": {
+            "description": "Whole seconds the key has left (rounded up).",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+    stored = {
+        "type": "object",
+        "required": ["stored"],
+        "properties": {"stored": {"type": "integer", "minimum": 1}},
+    }
+
+    def ok(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        response: dict[str, Any] = {
+            "description": description,
+            "headers": _request_id_header(),
+        }
+        if schema is not None:
+            response["content"] = {_JSON: {"schema": schema}}
+        return response
+
+    def with_problems(responses: dict[str, Any], *statuses: int) -> dict[str, Any]:
+        for status in (*statuses, 405, 503):
+            responses[str(status)] = {"$ref": f"#/components/responses/{status}"}
+        return responses
+
+    key_body = {"required": True, "content": {_JSON: {"schema": any_value}}}
+    pair_body = {
+        "required": False,
+        "description": (
+            "A JSON object of pairs. With an empty body, the pairs come from the "
+            "query string as string values instead."
+        ),
+        "content": {_JSON: {"schema": pairs}},
+    }
+    single = {"type": "object", "minProperties": 1, "maxProperties": 1}
+    paths: dict[str, Any] = {
+        "/keys": {
+            "get": {
+                "summary": "Read every pair, or those whose key matches a filter",
+                "operationId": "readKeys",
+                "parameters": [filter_parameter],
+                "responses": with_problems(ok("The matching pairs.", pairs), 400),
+            },
+            "put": {
+                "summary": "Store one or many pairs, all or nothing",
+                "operationId": "writeKeys",
+                "parameters": [expire_parameter],
+                "requestBody": pair_body,
+                "responses": with_problems(
+                    ok("All pairs stored.", stored), 400, 413, 415
+                ),
+            },
+            "delete": {
+                "summary": "Delete every key, or those matching a filter",
+                "operationId": "deleteKeys",
+                "parameters": [filter_parameter],
+                "responses": with_problems(
+                    ok(
+                        "How many keys were deleted.",
+                        {
+                            "type": "object",
+                            "required": ["deleted"],
+                            "properties": {
+                                "deleted": {"type": "integer", "minimum": 0}
+                            },
+                        },
+                    ),
+                    400,
+                ),
+            },
+        },
+        "/keys/{id}": {
+            "parameters": [key_parameter],
+            "get": {
+                "summary": "Read one key",
+                "operationId": "readKey",
+                "responses": with_problems(
+                    {
+                        "200": {
+                            **ok("The pair, as {key: value}.", single),
+                            "headers": {**_request_id_header(), **expires_header},
+                        }
+                    },
+                    400,
+                    404,
+                ),
+            },
+            "head": {
+                "summary": "Check that a key exists",
+                "operationId": "checkKey",
+                "responses": {
+                    "200": {
+                        "description": "The key exists; headers as for GET.",
+                        "headers": {**_request_id_header(), **expires_header},
+                    },
+                    "400": {"description": "A bad key."},
+                    "404": {"description": "No such key."},
+                    "405": {"description": "Method not allowed."},
+                    "503": {"description": "Redis is unavailable."},
+                },
+            },
+            "put": {
+                "summary": "Store one value",
+                "operationId": "writeKey",
+                "parameters": [expire_parameter],
+                "requestBody": key_body,
+                "responses": with_problems(
+                    {
+                        "200": ok("An existing value was replaced.", stored),
+                        "201": {
+                            **ok("The key was created.", stored),
+                            "headers": {
+                                **_request_id_header(),
+                                "Location": {"schema": {"type": "string"}},
+                            },
+                        },
+                    },
+                    400,
+                    413,
+                    415,
+                ),
+            },
+            "delete": {
+                "summary": "Delete one key",
+                "operationId": "deleteKey",
+                "responses": with_problems(
+                    {
+                        "204": {
+                            "description": "Deleted.",
+                            "headers": _request_id_header(),
+                        }
+                    },
+                    400,
+                    404,
+                ),
+            },
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process answers",
+                "operationId": "healthz",
+                "responses": {"200": ok("Alive.", {"type": "object"})},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: Redis answers too",
+                "operationId": "readyz",
+                "responses": with_problems(ok("Ready.", {"type": "object"})),
+            }
+        },
+    }
+    problems = {
+        400: "Bad request: malformed JSON, a bad key, filter or expire_in.",
+        404: "No such key (or it expired).",
+        405: "Method not allowed; see the Allow header.",
+        413: "The body, a value or the number of pairs is over its limit.",
+        415: "A body was sent without a JSON content type.",
+        503: "Redis is unreachable or too slow; see Retry-After.",
+    }
+    responses = {
+        str(status): {
+            "description": description,
+            "headers": _request_id_header(),
+            "content": {
+                PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+        for status, description in problems.items()
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kvstore",
+            "version": __version__,
+            "description": "Store, read, expire, filter and delete JSON values.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Problem": problem_schema()},
+            "responses": responses,
+        },
+    }
+
+
+def _request_id_header() -> dict[str, Any]:
+    return {
+        "X-Request-ID": {
+            "description": "The client's request id, or one made for this request.",
+            "schema": {"type": "string"},
+        }
+    }
+
+
+def install_openapi(app: Any, settings: Settings) -> None:
+    """Serve the document at ``/openapi.json`` and a reader at ``/docs``."""
+    document = build_openapi(settings)
+
+    class Provider(OpenAPIProvider):
+        def schema(self) -> dict[str, Any]:
+            return document
+
+    QuartSchema(
+        app,
+        openapi_provider_class=Provider,
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        swagger_ui_path="/docs",
+    )

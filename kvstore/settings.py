@@ -1,0 +1,173 @@
+"""Settings read from ``KVSTORE_*`` environment variables.
+
+Every setting has a default that works on a laptop, so ``kvstore serve`` runs
+with no environment at all. ``Settings.from_env`` takes the mapping to read
+from, which keeps tests free of ``os.environ`` patching.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A ``KVSTORE_*`` variable holds a value the service cannot use."""
+
+
+def _parse_int(text: str) -> int:
+    return int(text.replace("_", ""))
+
+
+def _parse_float(text: str) -> float:
+    return float(text)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_str(text: str) -> str:
+    return text
+
+
+def _parse_optional_str(text: str) -> str | None:
+    return text or None
+
+
+def _parse_path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+PARSERS: dict[Any, Callable[[str], Any]] = {
+    int: _parse_int,
+    float: _parse_float,
+    bool: _parse_bool,
+    str: _parse_str,
+    str | None: _parse_optional_str,
+    Path: _parse_path,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective configuration of one kvstore process.
+
+    Field ``name`` is read from ``KVSTORE_NAME``. ``redis_url`` left unset means
+    "start an embedded Redis server" when serving from the command line.
+    """
+
+    bind: str = "127.0.0.1:5000"
+    workers: int = 1
+    redis_url: str | None = None
+    data_dir: Path = Path("./data")
+    key_prefix: str = "kvstore:"
+    max_key_bytes: int = 1024
+    max_value_bytes: int = 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_pairs: int = 10_000
+    max_expire_in: int = 10 * 365 * 24 * 3600
+    max_filter_wildcards: int = 8
+    redis_max_connections: int = 64
+    redis_connect_timeout: float = 2.0
+    redis_timeout: float = 2.0
+    redis_retries: int = 2
+    scan_batch: int = 1000
+    retry_after: int = 1
+    log_format: str = "json"
+    log_level: str = "INFO"
+    access_log: bool = True
+    shutdown_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "workers",
+            "max_key_bytes",
+            "max_value_bytes",
+            "max_body_bytes",
+            "max_pairs",
+            "max_expire_in",
+            "max_filter_wildcards",
+            "redis_max_connections",
+            "scan_batch",
+            "retry_after",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be at least 1")
+        for name in ("redis_connect_timeout", "redis_timeout", "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                _fail(name, getattr(self, name), "must be above zero")
+        if self.redis_retries < 0:
+            _fail("redis_retries", self.redis_retries, "must not be negative")
+        if self.log_format not in LOG_FORMATS:
+            _fail("log_format", self.log_format, f"must be one of {LOG_FORMATS}")
+        if self.log_level not in LOG_LEVELS:
+            _fail("log_level", self.log_level, f"must be one of {LOG_LEVELS}")
+        if not self.key_prefix:
+            _fail("key_prefix", self.key_prefix, "must not be empty")
+        if self.bind.rpartition(":")[0] == "" and not self.bind.startswith("unix:"):
+            _fail("bind", self.bind, "must be HOST:PORT or unix:PATH")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings from ``KVSTORE_*`` variables in ``environ``.
+
+        ``environ`` defaults to ``os.environ``. Unset or empty variables keep
+        their defaults. Raises ``SettingsError`` naming the variable and value
+        when one cannot be parsed or is out of range.
+        """
+        if environ is None:
+            environ = os.environ
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            variable = env_name(field.name)
+            text = environ.get(variable, "").strip()
+            if not text:
+                continue
+            parser = PARSERS[field.type]
+            try:
+                values[field.name] = parser(text)
+            except ValueError as exc:
+                raise SettingsError(f"{variable}={text!r}: {exc}") from None
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as plain values, with credentials in URLs masked."""
+        shown = {
+            field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+        }
+        shown["data_dir"] = str(self.data_dir)
+        shown["redis_url"] = mask_url(self.redis_url)
+        return shown
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets ``field_name``."""
+    return f"KVSTORE_{field_name.upper()}"
+
+
+def mask_url(url: str | None) -> str | None:
+    """Hide the password (and user) of a ``scheme://user:pass@host`` URL."""
+    if url is None or "@" not in url:
+        return url
+    scheme, sep, rest = url.partition("://")
+    credentials, _, location = rest.rpartition("@")
+    if not sep or not credentials:
+        return url
+    return f"{scheme}://***@{location}"
+
+
+def _fail(name: str, value: object, reason: str) -> None:
+    raise SettingsError(f"{env_name(name)}={value!r}: {reason}")
