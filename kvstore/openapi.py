@@ -93,21 +93,56 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         "content": {_JSON: {"schema": pairs}},
     }
     single = {"type": "object", "minProperties": 1, "maxProperties": 1}
+    deleted = {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": {"type": "integer", "minimum": 0}},
+    }
+    status_body = {"type": "object", "properties": {"status": {"type": "string"}}}
+
+    def head(summary: str, operation_id: str, **extra: Any) -> dict[str, Any]:
+        """A HEAD operation: GET's status codes and headers, never a body."""
+        responses: dict[str, dict[str, Any]] = {
+            str(status): {"description": description, "headers": _request_id_header()}
+            for status, description in (
+                (200, "As for GET, without the body."),
+                (400, "A bad request."),
+                (404, "Not found."),
+                (405, "Method not allowed."),
+                (503, "Redis is unavailable."),
+            )
+        }
+        for status, headers in extra.pop("headers", {}).items():
+            responses[str(status)]["headers"].update(headers)
+        return {
+            "summary": summary,
+            "operationId": operation_id,
+            **extra,
+            "responses": responses,
+        }
+
     paths: dict[str, Any] = {
         "/keys": {
             "get": {
                 "summary": "Read every pair, or those whose key matches a filter",
                 "operationId": "readKeys",
                 "parameters": [filter_parameter],
-                "responses": with_problems(ok("The matching pairs.", pairs), 400),
+                "responses": with_problems(
+                    {"200": ok("The matching pairs, streamed.", pairs)}, 400
+                ),
             },
+            "head": head(
+                "Check that the pairs can be read (no scan is made)",
+                "checkKeys",
+                parameters=[filter_parameter],
+            ),
             "put": {
                 "summary": "Store one or many pairs, all or nothing",
                 "operationId": "writeKeys",
                 "parameters": [expire_parameter],
                 "requestBody": pair_body,
                 "responses": with_problems(
-                    ok("All pairs stored.", stored), 400, 413, 415
+                    {"200": ok("All pairs stored.", stored)}, 400, 413, 415
                 ),
             },
             "delete": {
@@ -115,17 +150,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 "operationId": "deleteKeys",
                 "parameters": [filter_parameter],
                 "responses": with_problems(
-                    ok(
-                        "How many keys were deleted.",
-                        {
-                            "type": "object",
-                            "required": ["deleted"],
-                            "properties": {
-                                "deleted": {"type": "integer", "minimum": 0}
-                            },
-                        },
-                    ),
-                    400,
+                    {"200": ok("How many keys were deleted.", deleted)}, 400
                 ),
             },
         },
@@ -145,20 +170,11 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                     404,
                 ),
             },
-            "head": {
-                "summary": "Check that a key exists",
-                "operationId": "checkKey",
-                "responses": {
-                    "200": {
-                        "description": "The key exists; headers as for GET.",
-                        "headers": {**_request_id_header(), **expires_header},
-                    },
-                    "400": {"description": "A bad key."},
-                    "404": {"description": "No such key."},
-                    "405": {"description": "Method not allowed."},
-                    "503": {"description": "Redis is unavailable."},
-                },
-            },
+            "head": head(
+                "Check that a key exists",
+                "checkKey",
+                headers={200: expires_header},
+            ),
             "put": {
                 "summary": "Store one value",
                 "operationId": "writeKey",
@@ -199,15 +215,17 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "get": {
                 "summary": "Liveness: the process answers",
                 "operationId": "healthz",
-                "responses": {"200": ok("Alive.", {"type": "object"})},
-            }
+                "responses": {"200": ok("Alive.", status_body)},
+            },
+            "head": head("Liveness, without a body", "healthzHead"),
         },
         "/readyz": {
             "get": {
                 "summary": "Readiness: Redis answers too",
                 "operationId": "readyz",
-                "responses": with_problems(ok("Ready.", {"type": "object"})),
-            }
+                "responses": with_problems({"200": ok("Ready.", status_body)}),
+            },
+            "head": head("Readiness, without a body", "readyzHead"),
         },
     }
     problems = {

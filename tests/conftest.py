@@ -9,7 +9,6 @@ removed afterwards.
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +22,9 @@ from quart.typing import TestClientProtocol as QuartClient
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis, free_port
 from kvstore.settings import Settings
+from tests.helpers import wait_until_healthy
+
+LIVE_PREFIX = f"kvlive:{uuid.uuid4().hex[:12]}:"
 
 
 @pytest.fixture(scope="session")
@@ -115,25 +117,6 @@ def live_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         keys = list(client.scan_iter(match=f"{LIVE_PREFIX}*"))
         if keys:
             client.unlink(*keys)
-
-
-LIVE_PREFIX = f"kvlive:{uuid.uuid4().hex[:12]}:"
-
-
-def wait_until_healthy(
-    url: str, process: "subprocess.Popen[bytes]", timeout: float = 20.0
-) -> None:
-    """Return once ``url`` answers ``/healthz``; fail if the process exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"kvstore exited with {process.returncode} before serving")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    pytest.fail(f"kvstore did not answer on {url} within {timeout} s")
 
 
 @pytest.fixture
