@@ -24,7 +24,7 @@ from kvstore.errors import register_error_handlers
 from kvstore.logs import log_access, request_id_var
 from kvstore.openapi import install_openapi
 from kvstore.settings import Settings
-from kvstore.store import RedisStore, Store
+from kvstore.store import RedisStore, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         log.info(
             "kvstore %s serving", __version__, extra={"settings": settings.public()}
         )
+        try:
+            await holder.store.ping()
+        except StoreError:
+            # Not fatal: requests get 503s until Redis answers, and the
+            # store logs when it does.
+            log.warning("redis does not answer yet; serving 503 until it does")
 
     @app.after_serving
     async def close_store() -> None:
