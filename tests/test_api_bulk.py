@@ -2,7 +2,8 @@
 
 import dataclasses
 import uuid
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import orjson
@@ -12,6 +13,8 @@ from quart.typing import TestClientProtocol as QuartClient
 
 from kvstore.app import create_app
 from kvstore.settings import Settings
+from kvstore.store import Store, StoreUnavailableError
+from tests.helpers import asgi_request
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -274,3 +277,30 @@ async def test_large_read_returns_every_key_once(client: QuartClient) -> None:
 
 def _query(params: dict[str, str]) -> str:
     return urlencode(params)
+
+
+class FailingAfterOnePage:
+    """A store whose scan loses Redis after the first page."""
+
+    async def scan(self, glob: str | None) -> AsyncIterator[list[tuple[str, bytes]]]:
+        yield [("a", b"1")]
+        raise StoreUnavailableError("Redis is unreachable: ConnectionError")
+
+    async def ping(self) -> None:
+        return None
+
+
+async def test_failure_mid_stream_aborts_the_response_unfinished() -> None:
+    app = create_app(
+        Settings(redis_url="redis://unused"), store=cast(Store, FailingAfterOnePage())
+    )
+
+    sent: list[dict[str, Any]] = []
+
+    async with app.test_app():
+        with pytest.raises(StoreUnavailableError):
+            await asgi_request(app, "GET", "/keys", sent)
+
+    assert sent[0]["status"] == 200
+    assert b"".join(message.get("body", b"") for message in sent) == b'{"a":1'
+    assert all(message.get("more_body", True) for message in sent[1:])
