@@ -19,10 +19,9 @@ from hypercorn.typing import (
 )
 from quart import Quart
 
-from kvstore import __version__, api, probes
+from kvstore import __version__, api, openapi, probes
 from kvstore.errors import register_error_handlers
 from kvstore.logs import log_access, request_id_var
-from kvstore.openapi import install_openapi
 from kvstore.settings import Settings
 from kvstore.store import RedisStore, Store, StoreError
 
@@ -52,7 +51,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     if store is None and settings.redis_url is None:
         raise ValueError("KVSTORE_REDIS_URL is not set and no store was given")
     redis_url = settings.redis_url or ""
-    app = Quart("kvstore")
+    app = Quart("kvstore", static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         # A streamed read of millions of keys may take longer than any fixed
@@ -89,7 +88,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.register_blueprint(api.create_blueprint(settings, holder))
     app.register_blueprint(probes.create_blueprint(holder))
     register_error_handlers(app, settings.retry_after)
-    install_openapi(app, settings)
+    app.register_blueprint(openapi.create_blueprint(settings))
     app.extensions["kvstore.holder"] = holder
     middleware = RequestMiddleware(app.asgi_app, route_templates(app), [])
     app.extensions["kvstore.observers"] = middleware.observers
