@@ -46,7 +46,9 @@ def serve() -> int:
     except SettingsError as exc:
         sys.stderr.write(f"kvstore: {exc}\n")
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format, settings.log_level, access=settings.access_log
+    )
     embedded: EmbeddedRedis | None = None
     if settings.redis_url is None:
         try:
@@ -89,5 +91,7 @@ def hypercorn_config(settings: Settings) -> Config:
 def worker_app() -> Quart:
     """The app of one Hypercorn worker, configured from the environment."""
     settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format, settings.log_level, access=settings.access_log
+    )
     return create_app(settings)

@@ -125,3 +125,29 @@ async def test_unexpected_errors_are_logged_with_traceback_and_answer_bare_500(
     assert body["detail"] == "an unexpected error occurred"
     assert "boom" not in str(body)
     assert "RuntimeError: boom" in str(errors[0]["exception"])
+
+
+async def test_access_lines_can_be_turned_off(client: QuartClient) -> None:
+    stream = io.StringIO()
+    configure_logging("json", "INFO", stream, access=False)
+    try:
+        await client.get("/healthz")
+    finally:
+        configure_logging("json", "INFO")
+
+    assert "kvstore.access" not in stream.getvalue()
+
+
+async def test_text_access_line_has_the_same_fields(client: QuartClient) -> None:
+    stream = io.StringIO()
+    configure_logging("text", "INFO", stream)
+    try:
+        await client.get("/healthz", headers={"X-Request-ID": "text-1"})
+    finally:
+        configure_logging("json", "INFO")
+
+    line = stream.getvalue().strip()
+
+    assert "kvstore.access: GET /healthz 200" in line
+    assert "request_id=text-1" in line
+    assert "duration_ms=" in line
