@@ -7,8 +7,8 @@ and connects nowhere.
 """
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 from hypercorn.typing import (
@@ -151,7 +151,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _client_request_id(scope["headers"]) or uuid.uuid4().hex
+        request_id = _client_request_id(scope["headers"]) or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         id_header = (_REQUEST_ID_HEADER, request_id.encode())
         status = CLIENT_CLOSED_REQUEST
