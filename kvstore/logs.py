@@ -86,23 +86,30 @@ def configure_logging(
     *,
     access: bool = True,
 ) -> None:
-    """Send kvstore's, Quart's and Hypercorn's logs to ``stream`` (stdout).
+    """Send kvstore's, Quart's and the server's logs to ``stream`` (stdout).
 
-    Hypercorn's own access log stays off: kvstore writes one access line per
+    The servers' own access logs stay off: kvstore writes one access line per
     request itself, or none with ``access=False``. Calling this again replaces
     the earlier configuration.
     """
     global _access_writer
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
-    for name in ("kvstore", "quart.app", "quart.serving", "hypercorn.error"):
+    for name in (
+        "kvstore",
+        "quart.app",
+        "quart.serving",
+        "hypercorn.error",
+        "uvicorn.error",
+    ):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
-    hypercorn_access = logging.getLogger("hypercorn.access")
-    hypercorn_access.handlers[:] = [logging.NullHandler()]
-    hypercorn_access.propagate = False
+    for name in ("hypercorn.access", "uvicorn.access"):
+        server_access = logging.getLogger(name)
+        server_access.handlers[:] = [logging.NullHandler()]
+        server_access.propagate = False
     # Thread and process names cost a lookup on every record and say nothing
     # here: one event loop thread per process, and the pid is in the logs of
     # whatever runs the service.

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 LOG_FORMATS = ("json", "text")
+SERVERS = ("hypercorn", "uvicorn")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -70,6 +71,7 @@ class Settings:
 
     bind: str = "127.0.0.1:5000"
     workers: int = 1
+    server: str = "hypercorn"
     redis_url: str | None = None
     data_dir: Path = Path("./data")
     key_prefix: str = "kvstore:"
@@ -111,6 +113,8 @@ class Settings:
                 _fail(name, getattr(self, name), "must be above zero")
         if self.redis_retries < 0:
             _fail("redis_retries", self.redis_retries, "must not be negative")
+        if self.server not in SERVERS:
+            _fail("server", self.server, f"must be one of {SERVERS}")
         if self.log_format not in LOG_FORMATS:
             _fail("log_format", self.log_format, f"must be one of {LOG_FORMATS}")
         if self.log_level not in LOG_LEVELS:

@@ -84,9 +84,13 @@ def client(app: Quart) -> QuartClient:
     return app.test_client()
 
 
-@pytest.fixture(scope="session")
-def live_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``kvstore serve`` process (Hypercorn) on a free port.
+@pytest.fixture(scope="session", params=["hypercorn", "uvicorn"])
+def live_url(
+    request: pytest.FixtureRequest,
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """A real ``kvstore serve`` process on a free port, on each server.
 
     For what only a real server shows: percent-decoding of raw paths, HEAD
     lengths, streaming. Its keys live under a prefix of their own.
@@ -98,6 +102,7 @@ def live_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         "KVSTORE_REDIS_URL": redis_url,
         "KVSTORE_BIND": f"127.0.0.1:{port}",
         "KVSTORE_KEY_PREFIX": LIVE_PREFIX,
+        "KVSTORE_SERVER": request.param,
     }
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(

@@ -39,10 +39,13 @@ def stop(process: "subprocess.Popen[bytes]") -> str:
     return output.decode()
 
 
-def test_serve_without_redis_url_persists_data_across_restarts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+def test_serve_without_redis_url_persists_data_across_restarts(
+    tmp_path: Path, server: str
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    first = serve(tmp_path, port)
+    first = serve(tmp_path, port, KVSTORE_SERVER=server)
     wait_until_healthy(url, first)
     httpx.put(
         f"{url}/keys/kept",
@@ -52,7 +55,7 @@ def test_serve_without_redis_url_persists_data_across_restarts(tmp_path: Path) -
     httpx.put(f"{url}/keys?many=1&more=2")
     first_log = stop(first)
 
-    second = serve(tmp_path, port)
+    second = serve(tmp_path, port, KVSTORE_SERVER=server)
     wait_until_healthy(url, second)
     every = httpx.get(f"{url}/keys").json()
     second_log = stop(second)
