@@ -32,18 +32,29 @@ from kvstore.settings import Settings
 log = logging.getLogger(__name__)
 
 # Reads a value and its remaining lifetime in one atomic step, so the
-# ``Expires-In`` header always belongs to the value it is sent with.
+# ``Expires-In`` header always belongs to the value it is sent with. A miss
+# answers 1 when the read found the key past its expiry and so removed it
+# (the database shrank while nothing else could run), else 0.
 GET_SCRIPT = """
+local size = redis.call('DBSIZE')
 local value = redis.call('GET', KEYS[1])
-if not value then return false end
+if not value then
+    if redis.call('DBSIZE') < size then return 1 end
+    return 0
+end
 return {value, redis.call('PTTL', KEYS[1])}
 """
 
 # Size and lifetime without the value: HEAD answers with GET's headers,
-# Content-Length included, while moving no value over the wire.
+# Content-Length included, while moving no value over the wire. A miss
+# answers like GET's.
 HEAD_SCRIPT = """
+local size = redis.call('DBSIZE')
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return false end
+if ttl == -2 then
+    if redis.call('DBSIZE') < size then return 1 end
+    return 0
+end
 return {redis.call('STRLEN', KEYS[1]), ttl}
 """
 
@@ -69,16 +80,42 @@ return existed
 _UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "OOM", "BUSY", "TRYAGAIN")
 
 
+# The ``kind`` of every store error: a short name of what went wrong, for
+# metrics and logs; a fixed set, so it is safe as a metric label.
+ERROR_KINDS = (
+    "timeout",
+    "connection",
+    "auth",
+    "loading",
+    "readonly",
+    "oom",
+    "busy",
+    "masterdown",
+    "tryagain",
+    "response",
+    "other",
+)
+
+
 class StoreError(Exception):
-    """Redis failed in a way the client did not cause."""
+    """Redis failed in a way the client did not cause.
+
+    ``kind`` is one of ``ERROR_KINDS``.
+    """
+
+    kind: str = "other"
 
 
 class StoreUnavailableError(StoreError):
     """Redis cannot be reached or cannot serve requests right now."""
 
+    kind = "connection"
+
 
 class StoreTimeoutError(StoreError):
     """Redis did not answer within the configured deadline."""
+
+    kind = "timeout"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -153,6 +190,10 @@ class Store(Protocol):
         """The connection pool's current use."""
         ...
 
+    def expired_reads(self) -> int:
+        """How many reads so far found their key expired, which removed it."""
+        ...
+
     async def aclose(self) -> None:
         """Close every connection."""
         ...
@@ -179,6 +220,7 @@ class RedisStore:
         self._head_script = client.register_script(HEAD_SCRIPT)
         self._put_script = client.register_script(PUT_SCRIPT)
         self.reachable: bool | None = None
+        self._expired_reads = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str) -> "RedisStore":
@@ -211,7 +253,8 @@ class RedisStore:
         """See ``Store.get``."""
         async with self._deadline():
             reply = await self._get_script(keys=[self._key(key)])
-        if reply is None:
+        if not isinstance(reply, list):
+            self._expired_reads += int(reply)
             return None
         value, ttl = reply
         return Entry(value, _ttl(ttl))
@@ -220,7 +263,8 @@ class RedisStore:
         """See ``Store.head``."""
         async with self._deadline():
             reply = await self._head_script(keys=[self._key(key)])
-        if reply is None:
+        if not isinstance(reply, list):
+            self._expired_reads += int(reply)
             return None
         size, ttl = reply
         return Meta(int(size), _ttl(ttl))
@@ -312,6 +356,10 @@ class RedisStore:
             limit=int(pool.max_connections),
         )
 
+    def expired_reads(self) -> int:
+        """See ``Store.expired_reads``."""
+        return self._expired_reads
+
     async def aclose(self) -> None:
         """See ``Store.aclose``."""
         await self._redis.aclose()
@@ -366,8 +414,42 @@ class _Guard:
 def translate_error(exc: BaseException) -> StoreError | None:
     """The store error for a Redis failure, or None for anything else.
 
-    The single place where redis-py's exception classes become kvstore's.
+    The single place where redis-py's exception classes become kvstore's;
+    the error's ``kind`` says which failure it was.
     """
+    error = _store_error(exc)
+    if error is not None:
+        error.kind = _error_kind(exc)
+    return error
+
+
+# Checked in order: the first class that matches names the kind.
+_KINDS_BY_CLASS: tuple[tuple[type[BaseException], str], ...] = (
+    (redis_errors.TimeoutError, "timeout"),
+    (TimeoutError, "timeout"),
+    (redis_errors.AuthenticationError, "auth"),
+    (redis_errors.NoPermissionError, "auth"),
+    (redis_errors.BusyLoadingError, "loading"),
+    (redis_errors.ConnectionError, "connection"),
+    (redis_errors.ReadOnlyError, "readonly"),
+    (redis_errors.OutOfMemoryError, "oom"),
+    (redis_errors.MasterDownError, "masterdown"),
+    (redis_errors.TryAgainError, "tryagain"),
+)
+
+
+def _error_kind(exc: BaseException) -> str:
+    for error_class, kind in _KINDS_BY_CLASS:
+        if isinstance(exc, error_class):
+            return kind
+    if isinstance(exc, redis_errors.ResponseError):
+        # Replies redis-py has no class for keep their code in the message.
+        code = str(exc).split(" ", 1)[0].lower()
+        return code if code in ERROR_KINDS else "response"
+    return "other"
+
+
+def _store_error(exc: BaseException) -> StoreError | None:
     if isinstance(exc, redis_errors.TimeoutError | TimeoutError):
         return StoreTimeoutError("Redis did not answer in time")
     if isinstance(exc, redis_errors.ConnectionError):
