@@ -51,6 +51,10 @@ def _parse_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _parse_optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text else None
+
+
 PARSERS: dict[Any, Callable[[str], Any]] = {
     int: _parse_int,
     float: _parse_float,
@@ -58,6 +62,7 @@ PARSERS: dict[Any, Callable[[str], Any]] = {
     str: _parse_str,
     str | None: _parse_optional_str,
     Path: _parse_path,
+    Path | None: _parse_optional_path,
 }
 
 
@@ -91,6 +96,8 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = True
     shutdown_timeout: float = 10.0
+    metrics_bind: str | None = None
+    metrics_dir: Path | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -123,6 +130,8 @@ class Settings:
             _fail("key_prefix", self.key_prefix, "must not be empty")
         if self.bind.rpartition(":")[0] == "" and not self.bind.startswith("unix:"):
             _fail("bind", self.bind, "must be HOST:PORT or unix:PATH")
+        if self.metrics_bind is not None:
+            _check_metrics_bind(self.metrics_bind, self.bind)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -153,6 +162,9 @@ class Settings:
             field.name: getattr(self, field.name) for field in dataclasses.fields(self)
         }
         shown["data_dir"] = str(self.data_dir)
+        shown["metrics_dir"] = (
+            None if self.metrics_dir is None else str(self.metrics_dir)
+        )
         shown["redis_url"] = mask_url(self.redis_url)
         return shown
 
@@ -171,6 +183,24 @@ def mask_url(url: str | None) -> str | None:
     if not sep or not credentials:
         return url
     return f"{scheme}://***@{location}"
+
+
+def tcp_port(bind: str) -> int | None:
+    """The port of a ``HOST:PORT`` bind, or None for ``unix:PATH`` or no port."""
+    if bind.startswith("unix:"):
+        return None
+    _, _, port = bind.rpartition(":")
+    return int(port) if port.isdigit() else None
+
+
+def _check_metrics_bind(metrics_bind: str, bind: str) -> None:
+    # Requests are told apart by the port they arrived on, so the metrics
+    # listener needs a TCP port of its own.
+    port = tcp_port(metrics_bind)
+    if port is None or not 0 < port < 65536 or not metrics_bind.rpartition(":")[0]:
+        _fail("metrics_bind", metrics_bind, "must be HOST:PORT")
+    if port == tcp_port(bind):
+        _fail("metrics_bind", metrics_bind, "must use another port than KVSTORE_BIND")
 
 
 def _fail(name: str, value: object, reason: str) -> None:
