@@ -22,6 +22,7 @@ from quart import Quart
 from kvstore import __version__, api, openapi, probes
 from kvstore.errors import register_error_handlers
 from kvstore.logs import log_access, request_id_var
+from kvstore.metrics import install_metrics
 from kvstore.settings import Settings
 from kvstore.store import RedisStore, Store, StoreError
 
@@ -89,8 +90,11 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.register_blueprint(probes.create_blueprint(holder))
     register_error_handlers(app, settings.retry_after)
     app.register_blueprint(openapi.create_blueprint(settings))
+    metrics = install_metrics(app, settings, holder)
     app.extensions["kvstore.holder"] = holder
-    middleware = RequestMiddleware(app.asgi_app, route_templates(app), [])
+    middleware = RequestMiddleware(
+        app.asgi_app, route_templates(app), [metrics.observe_request]
+    )
     app.extensions["kvstore.observers"] = middleware.observers
     app.asgi_app = middleware  # type: ignore[method-assign]
     return app

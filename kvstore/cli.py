@@ -6,7 +6,9 @@ on uvicorn (with httptools) when ``KVSTORE_SERVER=uvicorn``. With
 ``KVSTORE_WORKERS=1`` the app runs in this process; with more, the server
 starts that many worker processes sharing the listening socket, and each
 builds its app from the same environment. Both servers get the same bind
-address, workers, logging, request limits and graceful shutdown.
+address, workers, logging, request limits and graceful shutdown. Workers
+exchange their metrics through ``KVSTORE_METRICS_DIR``, a private temporary
+directory unless set.
 """
 
 import argparse
@@ -14,9 +16,12 @@ import importlib.util
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -28,6 +33,7 @@ from kvstore import __version__
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis, EmbeddedRedisError
 from kvstore.logs import configure_logging
+from kvstore.metrics import clear_exchange_dir
 from kvstore.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -82,6 +88,13 @@ def serve() -> int:
         )
         # Worker processes read their settings from the environment.
         os.environ["KVSTORE_REDIS_URL"] = url
+    own_metrics_dir: Path | None = None
+    if settings.metrics_dir is not None:
+        clear_exchange_dir(settings.metrics_dir)
+    elif settings.workers > 1:
+        # Workers hand their metrics to each other through this directory.
+        own_metrics_dir = Path(tempfile.mkdtemp(prefix="kvstore-metrics-"))
+        os.environ["KVSTORE_METRICS_DIR"] = str(own_metrics_dir)
     log.info("kvstore starting", extra={"settings": Settings.from_env().public()})
     try:
         if settings.server == "uvicorn":
@@ -91,6 +104,8 @@ def serve() -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
         log.info("kvstore stopped")
     return 0
 
@@ -99,6 +114,8 @@ def hypercorn_config(settings: Settings) -> Config:
     """Hypercorn's configuration for ``settings``."""
     config = Config()
     config.bind = [settings.bind]
+    if settings.metrics_bind is not None:
+        config.bind.append(settings.metrics_bind)
     # Hypercorn runs the app in this process for 0 workers.
     config.workers = 0 if settings.workers == 1 else settings.workers
     config.worker_class = "uvloop"

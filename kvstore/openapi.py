@@ -233,6 +233,26 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             },
             "head": head("Readiness, without a body", "readyzHead"),
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics, in the text exposition format",
+                "description": (
+                    "Served on the KVSTORE_METRICS_BIND listener instead when "
+                    "that is set."
+                ),
+                "operationId": "metrics",
+                "responses": with_problems(
+                    {
+                        "200": {
+                            "description": "Every metric of the server.",
+                            "headers": _request_id_header(),
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    }
+                ),
+            },
+            "head": head("Metrics, without a body", "metricsHead"),
+        },
     }
     problems = {
         400: "Bad request: malformed JSON, a bad key, filter or expire_in.",
