@@ -87,3 +87,41 @@ def test_env_name_of_a_field() -> None:
 def test_public_settings_mask_credentials(url: str | None, shown: str | None) -> None:
     assert mask_url(url) == shown
     assert Settings(redis_url=url).public()["redis_url"] == shown
+
+
+def test_metrics_listener_and_directory_are_read() -> None:
+    settings = Settings.from_env(
+        {"KVSTORE_METRICS_BIND": "0.0.0.0:9100", "KVSTORE_METRICS_DIR": "/run/kv"}
+    )
+
+    assert settings.metrics_bind == "0.0.0.0:9100"
+    assert settings.metrics_dir == Path("/run/kv")
+    assert Settings.from_env({}).metrics_bind is None
+    assert Settings.from_env({}).metrics_dir is None
+
+
+@pytest.mark.parametrize(
+    ("metrics_bind", "reason"),
+    [
+        ("unix:/tmp/metrics.sock", "HOST:PORT"),
+        ("9100", "HOST:PORT"),
+        ("0.0.0.0:http", "HOST:PORT"),
+        ("0.0.0.0:70000", "HOST:PORT"),
+        ("0.0.0.0:5000", "another port"),
+    ],
+)
+def test_metrics_listener_needs_a_tcp_port_of_its_own(
+    metrics_bind: str, reason: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env(
+            {"KVSTORE_BIND": "127.0.0.1:5000", "KVSTORE_METRICS_BIND": metrics_bind}
+        )
+
+    assert "KVSTORE_METRICS_BIND" in str(caught.value)
+    assert reason in str(caught.value)
+
+
+def test_metrics_directory_must_leave_room_for_socket_names() -> None:
+    with pytest.raises(SettingsError, match="KVSTORE_METRICS_DIR"):
+        Settings.from_env({"KVSTORE_METRICS_DIR": "/" + "d" * 100})

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from kvstore.embedded import free_port
 from kvstore.settings import Settings
 from kvstore.store import (
+    ERROR_KINDS,
     RedisStore,
     SeenKeys,
     StoreError,
@@ -175,6 +176,33 @@ def test_every_redis_error_kind_maps_to_a_store_error(
     translated = translate_error(error)
 
     assert type(translated) is expected
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (redis_errors.TimeoutError("slow"), "timeout"),
+        (TimeoutError(), "timeout"),
+        (redis_errors.ConnectionError("refused"), "connection"),
+        (redis_errors.AuthenticationError("invalid password"), "auth"),
+        (redis_errors.NoPermissionError("no permissions"), "auth"),
+        (redis_errors.BusyLoadingError("loading"), "loading"),
+        (redis_errors.ReadOnlyError("read only replica"), "readonly"),
+        (redis_errors.OutOfMemoryError("command not allowed"), "oom"),
+        (redis_errors.TryAgainError("multiple keys"), "tryagain"),
+        (redis_errors.ResponseError("BUSY Redis is busy"), "busy"),
+        (redis_errors.ResponseError("MASTERDOWN link"), "masterdown"),
+        (redis_errors.ResponseError("WRONGTYPE Operation"), "response"),
+        (redis_errors.DataError("bad"), "other"),
+        (redis_errors.RedisError("other"), "other"),
+    ],
+)
+def test_every_store_error_names_its_kind(error: Exception, kind: str) -> None:
+    translated = translate_error(error)
+
+    assert translated is not None
+    assert translated.kind == kind
+    assert kind in ERROR_KINDS
 
 
 def test_non_redis_errors_are_not_translated() -> None:
