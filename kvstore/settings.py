@@ -132,6 +132,11 @@ class Settings:
             _fail("bind", self.bind, "must be HOST:PORT or unix:PATH")
         if self.metrics_bind is not None:
             _check_metrics_bind(self.metrics_bind, self.bind)
+            if self.server != "hypercorn":
+                # uvicorn listens on one address only.
+                _fail(
+                    "metrics_bind", self.metrics_bind, "needs KVSTORE_SERVER=hypercorn"
+                )
         if self.metrics_dir is not None and len(str(self.metrics_dir)) > 80:
             # Workers listen on unix sockets inside it, whose paths are short.
             _fail("metrics_dir", str(self.metrics_dir), "must be at most 80 characters")

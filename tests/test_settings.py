@@ -125,3 +125,10 @@ def test_metrics_listener_needs_a_tcp_port_of_its_own(
 def test_metrics_directory_must_leave_room_for_socket_names() -> None:
     with pytest.raises(SettingsError, match="KVSTORE_METRICS_DIR"):
         Settings.from_env({"KVSTORE_METRICS_DIR": "/" + "d" * 100})
+
+
+def test_metrics_listener_needs_hypercorn() -> None:
+    with pytest.raises(SettingsError, match="KVSTORE_SERVER=hypercorn"):
+        Settings.from_env(
+            {"KVSTORE_SERVER": "uvicorn", "KVSTORE_METRICS_BIND": "127.0.0.1:9100"}
+        )
