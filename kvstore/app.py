@@ -20,6 +20,7 @@ from hypercorn.typing import (
 from quart import Quart
 
 from kvstore import __version__, api, openapi, probes
+from kvstore.auth import install_auth
 from kvstore.errors import register_error_handlers
 from kvstore.logs import log_access, request_id_var
 from kvstore.metrics import install_metrics
@@ -46,7 +47,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     ``settings`` default to ``Settings.from_env()``. ``store`` is for tests
     and embedding: when given it is used as is and not closed by the app;
     otherwise a ``RedisStore`` on ``settings.redis_url`` is opened when serving
-    starts. Raises ``ValueError`` if neither a store nor a Redis URL is given.
+    starts. Raises ``ValueError`` if neither a store nor a Redis URL is given,
+    and ``SettingsError`` if the API tokens cannot be read.
     """
     settings = settings or Settings.from_env()
     if store is None and settings.redis_url is None:
@@ -91,6 +93,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     register_error_handlers(app, settings.retry_after)
     app.register_blueprint(openapi.create_blueprint(settings))
     metrics = install_metrics(app, settings, holder)
+    install_auth(app, settings)
     app.extensions["kvstore.holder"] = holder
     middleware = RequestMiddleware(
         app.asgi_app, route_templates(app), [metrics.observe_request]

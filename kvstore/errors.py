@@ -37,6 +37,20 @@ class BadRequestError(ProblemError):
     """Malformed JSON, a bad key, filter or ``expire_in``, an empty body."""
 
 
+class UnauthorizedError(ProblemError):
+    """No valid bearer token; ``headers`` carry the ``WWW-Authenticate`` challenge."""
+
+    status = 401
+    title = "Unauthorized"
+
+
+class ForbiddenError(ProblemError):
+    """A valid token whose role does not allow the request (a read-only write)."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class NotFoundError(ProblemError):
     """The key does not exist (or has expired)."""
 

@@ -18,6 +18,7 @@ from quart import Blueprint, Response
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from kvstore import __version__
+from kvstore.auth import READ_METHODS, open_paths
 from kvstore.errors import PROBLEM_JSON, problem_schema
 from kvstore.settings import Settings
 
@@ -25,7 +26,11 @@ _JSON = "application/json"
 
 
 def build_openapi(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI document for a service running with ``settings``."""
+    """The OpenAPI document for a service running with ``settings``.
+
+    With API tokens configured it declares the bearer scheme, marks the
+    operations that need a token and adds their 401 and 403 answers.
+    """
     any_value: dict[str, Any] = {"description": "Any JSON value."}
     pairs = {
         "type": "object",
@@ -272,7 +277,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         }
         for status, description in problems.items()
     }
-    return {
+    document = {
         "openapi": "3.0.3",
         "info": {
             "title": "kvstore",
@@ -285,6 +290,62 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "responses": responses,
         },
     }
+    if settings.tokens_configured():
+        _add_security(document, settings)
+    return document
+
+
+def _add_security(document: dict[str, Any], settings: Settings) -> None:
+    """Describe the bearer tokens: who needs one, and the 401 and 403 answers."""
+    components = document["components"]
+    components["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": (
+                "A token from KVSTORE_API_TOKENS or KVSTORE_API_TOKENS_FILE. "
+                "Read-only (ro) tokens may GET and HEAD; read-write (rw) tokens "
+                "may also PUT and DELETE."
+            ),
+        }
+    }
+    challenge = {
+        "WWW-Authenticate": {
+            "description": "The bearer challenge, with the error when one applies.",
+            "schema": {"type": "string"},
+        }
+    }
+    problems = {
+        "401": "No token, or one that is not valid; see WWW-Authenticate.",
+        "403": "A read-only token was used to write.",
+    }
+    for status, description in problems.items():
+        components["responses"][status] = {
+            "description": description,
+            "headers": {**_request_id_header(), **challenge},
+            "content": {
+                PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+    document["security"] = [{"bearer": []}]
+    public = open_paths(settings)
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method not in _OPERATIONS:
+                continue
+            if path in public:
+                operation["security"] = []
+                continue
+            responses = operation["responses"]
+            if method == "head":
+                responses["401"] = {"description": problems["401"]}
+            else:
+                responses["401"] = {"$ref": "#/components/responses/401"}
+            if method.upper() not in READ_METHODS:
+                responses["403"] = {"$ref": "#/components/responses/403"}
+
+
+_OPERATIONS = frozenset({"get", "head", "put", "post", "delete", "patch"})
 
 
 def _request_id_header() -> dict[str, Any]:
