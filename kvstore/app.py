@@ -21,6 +21,7 @@ from quart import Quart
 
 from kvstore import __version__, api, openapi, probes
 from kvstore.auth import install_auth
+from kvstore.cors import install_cors
 from kvstore.errors import register_error_handlers
 from kvstore.logs import log_access, request_id_var
 from kvstore.metrics import install_metrics
@@ -94,6 +95,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.register_blueprint(openapi.create_blueprint(settings))
     metrics = install_metrics(app, settings, holder)
     install_auth(app, settings)
+    install_cors(app, settings)
     app.extensions["kvstore.holder"] = holder
     middleware = RequestMiddleware(
         app.asgi_app, route_templates(app), [metrics.observe_request]
