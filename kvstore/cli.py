@@ -31,10 +31,12 @@ from quart import Quart
 
 from kvstore import __version__
 from kvstore.app import create_app
+from kvstore.auth import load_tokens
 from kvstore.embedded import EmbeddedRedis, EmbeddedRedisError
 from kvstore.logs import configure_logging
 from kvstore.metrics import clear_exchange_dir
 from kvstore.settings import Settings, SettingsError
+from kvstore.store import connection_options
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ def serve() -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
     try:
         settings = Settings.from_env()
+        # Read the token and password files and load the TLS files once here,
+        # so a mistake in them stops the start with one clear line.
+        load_tokens(settings)
+        connection_options(settings)
     except SettingsError as exc:
         sys.stderr.write(f"kvstore: {exc}\n")
         return 2
