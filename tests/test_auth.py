@@ -16,6 +16,7 @@ from quart.typing import TestClientProtocol as QuartClient
 from kvstore import auth
 from kvstore.app import create_app
 from kvstore.auth import Role, Tokens, load_tokens, parse_tokens
+from kvstore.cli import main
 from kvstore.settings import Settings, SettingsError
 
 READ_TOKEN = "read-0123456789abcdefXYZ"  # noqa: S105
@@ -542,3 +543,18 @@ def test_open_paths_follow_the_settings(settings: Settings) -> None:
 
     assert default == {"/healthz", "/readyz", "/openapi.json", "/docs"}
     assert closed == frozenset()
+
+
+def test_serve_stops_with_one_line_when_a_token_is_bad(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KVSTORE_API_TOKENS", f"rw:{WRITE_TOKEN} rw:{SECRET[:10]}")
+
+    status = main(["serve"])
+
+    error = capsys.readouterr().err
+    assert status == 2
+    assert error == (
+        "kvstore: KVSTORE_API_TOKENS entry 2: "
+        "a token must have at least 16 characters\n"
+    )
