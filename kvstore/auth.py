@@ -29,7 +29,9 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import cast
 
+from hypercorn.typing import HTTPScope
 from quart import Quart, request
 
 from kvstore.errors import ForbiddenError, UnauthorizedError
@@ -79,7 +81,7 @@ class Tokens:
         """How many tokens have ``role``."""
         return sum(1 for _, entry_role in self._entries if entry_role is role)
 
-    def role(self, token: str) -> Role | None:
+    def role(self, token: str | bytes) -> Role | None:
         """The role of ``token``, or None when it is not a configured token."""
         digest = _digest(token)
         found: Role | None = None
@@ -89,8 +91,10 @@ class Tokens:
         return found
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+def _digest(token: str | bytes) -> bytes:
+    if isinstance(token, str):
+        token = token.encode()
+    return hashlib.sha256(token).digest()
 
 
 def parse_tokens(entries: Iterable[tuple[str, str]]) -> dict[str, Role]:
@@ -214,17 +218,20 @@ def install_auth(app: Quart, settings: Settings) -> None:
 
     @app.before_request
     async def require_token() -> None:
-        method = request.method
-        if method == "OPTIONS" or request.path in public:
+        # One context lookup, then plain dict and list reads: this runs on
+        # every request, and each proxied ``request`` attribute costs a lookup.
+        scope = cast(HTTPScope, request.scope)
+        method = scope["method"]
+        if method == "OPTIONS" or scope["path"] in public:
             return
-        header = request.headers.get("Authorization")
+        header = _authorization(scope["headers"])
         if header is None:
             raise UnauthorizedError(
                 "this API needs a token: send Authorization: Bearer TOKEN",
                 {"WWW-Authenticate": CHALLENGE},
             )
-        scheme, _, credentials = header.partition(" ")
-        if scheme.lower() != "bearer":
+        scheme, _, credentials = header.partition(b" ")
+        if scheme.lower() != b"bearer":
             raise UnauthorizedError(
                 "only bearer tokens are accepted: send Authorization: Bearer TOKEN",
                 {"WWW-Authenticate": CHALLENGE},
@@ -246,3 +253,10 @@ def install_auth(app: Quart, settings: Settings) -> None:
                 f"this token may only read (GET, HEAD); {method} needs a rw token",
                 {"WWW-Authenticate": READ_ONLY_CHALLENGE},
             )
+
+
+def _authorization(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"authorization":
+            return value
+    return None
