@@ -290,9 +290,31 @@ async def serving(settings: Settings, **changes: Any) -> AsyncIterator[QuartClie
 
 
 async def round_trip(client: QuartClient) -> tuple[int, int]:
-    """PUT then GET one key; the two statuses."""
+    """PUT then GET one key; the two statuses.
+
+    Between them every other kind of request runs once (so every command of
+    the ACL user is used) and must succeed.
+    """
     put = await client.put("/keys/k", data=b'{"tls": true}', headers=JSON_HEADERS)
+    others = [
+        await client.put("/keys?expire_in=60", data=b'{"a": 1}', headers=JSON_HEADERS),
+        await client.head("/keys/a"),
+        await client.get("/keys?filter=$"),
+        await client.delete("/keys?filter=a"),
+        await client.put("/keys/b", data=b"2", headers=JSON_HEADERS),
+        await client.delete("/keys/b"),
+        await client.get("/readyz"),
+    ]
     got = await client.get("/keys/k")
+    assert [response.status_code for response in others] == [
+        200,
+        200,
+        200,
+        200,
+        201,
+        204,
+        200,
+    ]
     return put.status_code, got.status_code
 
 
