@@ -45,6 +45,8 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 METRICS_PATHS = frozenset({"/metrics"})
 DOCS_PATHS = frozenset({"/openapi.json", "/docs"})
+# The Swagger UI page's scripts and styles.
+DOCS_PREFIXES = ("/docs/static/",)
 
 # RFC 6750's b64token: what a client can send after "Bearer " unquoted.
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -185,6 +187,11 @@ def open_paths(settings: Settings) -> frozenset[str]:
     return frozenset(paths)
 
 
+def open_prefixes(settings: Settings) -> tuple[str, ...]:
+    """Path prefixes served without a token, as ``open_paths``."""
+    return () if settings.auth_docs else DOCS_PREFIXES
+
+
 def install_auth(app: Quart, settings: Settings) -> None:
     """Require tokens on ``app`` when ``settings`` configure any.
 
@@ -206,6 +213,7 @@ def install_auth(app: Quart, settings: Settings) -> None:
         return
 
     public = open_paths(settings)
+    public_prefixes = open_prefixes(settings)
 
     @app.before_serving
     async def announce_tokens() -> None:
@@ -213,7 +221,7 @@ def install_auth(app: Quart, settings: Settings) -> None:
             "API tokens required: %d read-only, %d read-write",
             tokens.count(Role.READ),
             tokens.count(Role.WRITE),
-            extra={"open_paths": sorted(public)},
+            extra={"open_paths": sorted(public), "open_prefixes": public_prefixes},
         )
 
     @app.before_request
@@ -222,7 +230,8 @@ def install_auth(app: Quart, settings: Settings) -> None:
         # every request, and each proxied ``request`` attribute costs a lookup.
         scope = cast(HTTPScope, request.scope)
         method = scope["method"]
-        if method == "OPTIONS" or scope["path"] in public:
+        path = scope["path"]
+        if method == "OPTIONS" or path in public or path.startswith(public_prefixes):
             return
         header = _authorization(scope["headers"])
         if header is None:

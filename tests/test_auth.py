@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis
+from openapi_spec_validator import validate
 from quart import Quart, Response
 from quart.typing import TestClientProtocol as QuartClient
 
@@ -444,9 +445,11 @@ async def test_probes_and_docs_are_open_by_default(
     readyz = await secured_client.get("/readyz")
     document = await secured_client.get("/openapi.json")
     docs = await secured_client.get("/docs")
+    script = await secured_client.get("/docs/static/swagger-ui-bundle.js")
 
     assert healthz.status_code == readyz.status_code == 200
     assert document.status_code == docs.status_code == 200
+    assert script.status_code == 200
 
 
 async def test_metrics_need_a_token_by_default(secured_client: QuartClient) -> None:
@@ -461,7 +464,11 @@ async def test_metrics_need_a_token_by_default(secured_client: QuartClient) -> N
     ("changes", "closed", "opened"),
     [
         ({"auth_probes": True}, ["/healthz", "/readyz"], ["/openapi.json", "/docs"]),
-        ({"auth_docs": True}, ["/openapi.json", "/docs"], ["/healthz", "/readyz"]),
+        (
+            {"auth_docs": True},
+            ["/openapi.json", "/docs", "/docs/static/swagger-ui.css"],
+            ["/healthz", "/readyz"],
+        ),
         ({"auth_metrics": False}, ["/keys"], ["/metrics", "/healthz"]),
     ],
 )
@@ -521,6 +528,7 @@ async def test_the_secured_api_describes_bearer_tokens(
         responses = paths[path][method]["responses"]
         assert responses["403"] == {"$ref": "#/components/responses/403"}
     assert "WWW-Authenticate" in document["components"]["responses"]["401"]["headers"]
+    validate(document)
 
 
 async def test_protected_probes_are_described_as_protected(secured: Settings) -> None:
@@ -538,11 +546,14 @@ def test_open_paths_follow_the_settings(settings: Settings) -> None:
         settings, auth_probes=True, auth_metrics=True, auth_docs=True
     )
 
-    default = auth.open_paths(settings)
-    closed = auth.open_paths(everything_closed)
+    default = auth.open_paths(settings), auth.open_prefixes(settings)
+    closed = auth.open_paths(everything_closed), auth.open_prefixes(everything_closed)
 
-    assert default == {"/healthz", "/readyz", "/openapi.json", "/docs"}
-    assert closed == frozenset()
+    assert default == (
+        frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"}),
+        ("/docs/static/",),
+    )
+    assert closed == (frozenset(), ())
 
 
 def test_serve_stops_with_one_line_when_a_token_is_bad(
