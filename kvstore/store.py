@@ -239,6 +239,12 @@ class RedisStore:
             url,
             max_connections=settings.redis_max_connections,
             timeout=None,
+            # No per-operation socket timeout: the call's deadline is the only
+            # clock. redis-py's own one (5 s unless set) wraps each send in
+            # asyncio.wait_for, which on Python 3.11 can swallow the
+            # deadline's cancellation when it lands as the send completes;
+            # the call then waits out the socket timeout instead.
+            socket_timeout=None,
             socket_connect_timeout=settings.redis_connect_timeout,
             retry=retry,
             **connection_options(settings),
