@@ -7,16 +7,18 @@ Redis while requests are running and checks what clients saw.
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import h11
 import httpx
 import orjson
 import pytest
 import redis
 from quart import Quart
-from services import Traffic, report, running, start_redis
+from services import Service, Traffic, report, running, start_redis
 
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis
@@ -245,3 +247,202 @@ async def test_every_store_call_ends_at_its_deadline_on_a_frozen_redis(
     outcomes = [outcome for round_ in rounds for outcome in round_]
     assert {kind for kind, _ in outcomes} == {"timeout"}
     assert max(elapsed for _, elapsed in outcomes) <= 0.3 + MARGIN / 2
+
+
+async def test_writes_acknowledged_before_a_clean_restart_survive_it(
+    tmp_path: Path,
+) -> None:
+    redis_server = start_redis(tmp_path / "redis", persist=True)
+    settings = {"REDIS_URL": redis_server.url, "REDIS_TIMEOUT": "1"}
+    bulk_acked: dict[str, dict[str, int]] = {}
+    deleted: set[str] = set()
+    bulk_requests = 0
+    try:
+        with running(tmp_path / "kvstore.log", settings) as service:
+            async with (
+                httpx.AsyncClient(base_url=service.url, timeout=30) as http,
+                Traffic(service.url, clients=3) as traffic,
+            ):
+
+                async def write_bulk_and_delete() -> None:
+                    nonlocal bulk_requests
+                    for round_ in range(60):
+                        bulk_requests += 1
+                        pairs = {f"bulk-{round_}-{n}": {"n": n} for n in range(5)}
+                        response = await http.put(
+                            "/keys?expire_in=3600",
+                            content=orjson.dumps(pairs),
+                            headers=JSON,
+                        )
+                        if response.status_code == 200:
+                            bulk_acked.update(pairs)
+                        if round_ % 3 == 0 and f"bulk-{round_}-0" in bulk_acked:
+                            bulk_requests += 1
+                            gone = await http.delete(f"/keys/bulk-{round_}-0")
+                            if gone.status_code == 204:
+                                deleted.add(f"bulk-{round_}-0")
+                        await asyncio.sleep(0.03)
+
+                bulk = asyncio.create_task(write_bulk_and_delete())
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(redis_server.stop)
+                stopped = time.monotonic()
+                await asyncio.to_thread(redis_server.start)
+                restart_s = time.monotonic() - stopped
+                await bulk
+        with redis.Redis.from_url(redis_server.url) as check:
+            stored = stored_values(check, "kvstore:")
+            bulk_ttls = {key: check.ttl(f"kvstore:{key}") for key in bulk_acked}
+    finally:
+        redis_server.stop()
+
+    single_acked = dict(traffic.acked)
+    report(
+        "redis-clean-restart",
+        requests=len(traffic.samples) + bulk_requests,
+        acknowledged_writes=len(single_acked) + len(bulk_acked),
+        lost_writes=sum(key not in stored for key in single_acked)
+        + sum(key not in stored for key in set(bulk_acked) - deleted),
+        restart_s=round(restart_s, 2),
+        restarts=1,
+    )
+    assert len(single_acked) >= 20
+    assert len(bulk_acked) >= 50
+    for key, number in single_acked.items():
+        assert stored.get(key) == str(number).encode()
+    for key, pair_value in bulk_acked.items():
+        if key in deleted:
+            assert key not in stored
+        else:
+            assert stored.get(key) == orjson.dumps(pair_value)
+            assert 0 < bulk_ttls[key] <= 3600
+    assert [s.error for s in traffic.samples if s.status is None] == []
+
+
+def stored_values(client: redis.Redis, prefix: str) -> dict[str, bytes]:
+    """Every key under ``prefix`` (prefix removed) and its stored value."""
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    values = client.mget(keys) if keys else []
+    return {
+        key.decode().removeprefix(prefix): value
+        for key, value in zip(keys, values, strict=True)
+        if isinstance(value, bytes)
+    }
+
+
+async def test_sigterm_finishes_in_flight_requests_then_stops_embedded_redis(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    settings = {"DATA_DIR": str(data_dir), "REDIS_TIMEOUT": "5"}
+    service = Service(tmp_path / "kvstore.log", settings)
+    service.start()
+    value = "x" * 200
+    try:
+        async with httpx.AsyncClient(base_url=service.url, timeout=30) as http:
+            for start in range(0, 40_000, 10_000):
+                pairs = {f"big-{n:05}": value for n in range(start, start + 10_000)}
+                stored = await http.put(
+                    "/keys", content=orjson.dumps(pairs), headers=JSON
+                )
+                assert stored.status_code == 200
+            reading = asyncio.create_task(
+                asyncio.to_thread(read_slowly, service.port, "/keys?filter=big-$")
+            )
+            await asyncio.sleep(0.3)
+            with redis.Redis(unix_socket_path=str(data_dir / "redis.sock")) as admin:
+                admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+            held = asyncio.create_task(
+                http.put("/keys/held", content=b'"paused"', headers=JSON)
+            )
+            await asyncio.sleep(0.3)
+            service.signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            refused_at = await asyncio.to_thread(wait_until_refused, service.port)
+            held_response = await held
+            held_at = time.monotonic()
+            status, body, read_at = await reading
+        exit_code = await asyncio.to_thread(service.wait, 20.0)
+    finally:
+        service.stop()
+    records = service.log_records()
+    messages = [record["message"] for record in records]
+    redis_pid = next(
+        record["pid"]
+        for record in records
+        if record["message"] == "embedded redis started"
+    )
+    stopped = next(r for r in records if r["message"] == "embedded redis stopped")
+
+    with running(tmp_path / "again.log", settings) as again:
+        async with httpx.AsyncClient(base_url=again.url, timeout=30) as http:
+            held_again = await http.get("/keys/held")
+            count = await http.delete("/keys", params={"filter": "big-$"})
+
+    # Both requests were still in flight when the signal came, and new
+    # connections were refused before either of them finished.
+    assert signalled < refused_at < held_at
+    assert refused_at < read_at
+    assert held_response.status_code == 201
+    assert status == 200
+    assert len(orjson.loads(body)) == 40_000
+    assert exit_code == 0
+    assert messages.index("redis pool closed") < messages.index("kvstore stopped")
+    assert stopped["exit_code"] == 0
+    assert not process_exists(redis_pid)
+    assert held_again.json() == {"held": "paused"}
+    assert count.json() == {"deleted": 40_000}
+
+
+def read_slowly(port: int, target: str) -> tuple[int, bytes, float]:
+    """GET ``target`` through a small receive window, reading at a crawl.
+
+    Returns the status, the decoded body and when the body was complete,
+    so a test can hold a streamed response open for a few seconds.
+    """
+    connection = h11.Connection(h11.CLIENT)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        client.settimeout(30)
+        client.connect(("127.0.0.1", port))
+        request = h11.Request(
+            method="GET", target=target, headers=[("Host", "kvstore")]
+        )
+        client.sendall(connection.send(request) + connection.send(h11.EndOfMessage()))
+        status = 0
+        chunks: list[bytes] = []
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                time.sleep(0.004)
+                connection.receive_data(client.recv(16 * 1024))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return status, b"".join(chunks), time.monotonic()
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+
+def wait_until_refused(port: int, timeout: float = 5.0) -> float:
+    """Return when new connections to ``port`` are refused."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        except ConnectionRefusedError:
+            return time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"port {port} still accepts connections after {timeout} s")
+
+
+def process_exists(pid: int) -> bool:
+    """True while a process with ``pid`` exists (and is not a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
