@@ -90,6 +90,7 @@ class Settings:
     max_value_bytes: int = 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_pairs: int = 10_000
+    max_header_bytes: int = 16 * 1024
     max_expire_in: int = 10 * 365 * 24 * 3600
     max_filter_wildcards: int = 8
     redis_max_connections: int = 64
@@ -102,6 +103,7 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = True
     shutdown_timeout: float = 10.0
+    body_timeout: float = 30.0
     metrics_bind: str | None = None
     metrics_dir: Path | None = None
     # Access control and transport security; see kvstore/auth.py, kvstore/cors.py
@@ -128,6 +130,7 @@ class Settings:
             "max_value_bytes",
             "max_body_bytes",
             "max_pairs",
+            "max_header_bytes",
             "max_expire_in",
             "max_filter_wildcards",
             "redis_max_connections",
@@ -137,7 +140,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be at least 1")
-        for name in ("redis_connect_timeout", "redis_timeout", "shutdown_timeout"):
+        for name in (
+            "redis_connect_timeout",
+            "redis_timeout",
+            "shutdown_timeout",
+            "body_timeout",
+        ):
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be above zero")
         if self.redis_retries < 0:
