@@ -8,6 +8,7 @@ Redis while requests are running and checks what clients saw.
 import asyncio
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,11 +100,13 @@ async def test_redis_outage_answers_503_in_time_and_recovers_by_itself(
     assert ready_up.status_code == 200
 
 
-@pytest.mark.parametrize("stall", ["client-pause", "sigstop"])
+@pytest.mark.parametrize("stall", ["client-pause", "debug-sleep", "sigstop"])
 async def test_stalled_redis_gives_503_within_deadline_and_frees_the_pool(
     tmp_path: Path, stall: str
 ) -> None:
-    redis_server = start_redis(tmp_path / "redis")
+    redis_server = start_redis(
+        tmp_path / "redis", extra_args=("--enable-debug-command", "local")
+    )
     admin = redis.Redis.from_url(redis_server.url)
     settings = Settings(
         redis_url=redis_server.url,
@@ -160,6 +163,14 @@ def stall_redis(
     if how == "client-pause":
         admin.client_pause(int(seconds * 1000), all=True)
         return lambda: None
+    if how == "debug-sleep":
+        # DEBUG SLEEP blocks the whole server, its caller included.
+        sleeper = threading.Thread(
+            target=admin.execute_command, args=("DEBUG", "SLEEP", str(seconds))
+        )
+        sleeper.start()
+        time.sleep(0.05)
+        return sleeper.join
     assert server.process is not None
     server.process.send_signal(signal.SIGSTOP)
     process = server.process
