@@ -392,6 +392,15 @@ async def test_sigterm_finishes_in_flight_requests_then_stops_embedded_redis(
 
     # Both requests were still in flight when the signal came, and new
     # connections were refused before either of them finished.
+    report(
+        "sigterm-drain",
+        in_flight=2,
+        refused_after_signal_s=round(refused_at - signalled, 3),
+        held_write_done_after_signal_s=round(held_at - signalled, 3),
+        stream_done_after_signal_s=round(read_at - signalled, 3),
+        keys_read_back=count.json()["deleted"] + 1,
+        exit_code=exit_code,
+    )
     assert signalled < refused_at < held_at
     assert refused_at < read_at
     assert held_response.status_code == 201
