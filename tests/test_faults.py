@@ -256,6 +256,12 @@ async def test_every_store_call_ends_at_its_deadline_on_a_frozen_redis(
         redis_server.stop()
 
     outcomes = [outcome for round_ in rounds for outcome in round_]
+    report(
+        "redis-frozen-deadline",
+        calls=len(outcomes),
+        deadline_s=0.3,
+        longest_call_s=round(max(elapsed for _, elapsed in outcomes), 3),
+    )
     assert {kind for kind, _ in outcomes} == {"timeout"}
     assert max(elapsed for _, elapsed in outcomes) <= 0.3 + MARGIN / 2
 
