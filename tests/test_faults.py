@@ -169,12 +169,25 @@ def stall_redis(
             target=admin.execute_command, args=("DEBUG", "SLEEP", str(seconds))
         )
         sleeper.start()
-        time.sleep(0.05)
+        wait_until_unresponsive(server.url)
         return sleeper.join
     assert server.process is not None
     server.process.send_signal(signal.SIGSTOP)
     process = server.process
     return lambda: process.send_signal(signal.SIGCONT)
+
+
+def wait_until_unresponsive(url: str, timeout: float = 5.0) -> None:
+    """Return once a PING to ``url`` goes unanswered for a tenth of a second."""
+    deadline = time.monotonic() + timeout
+    with redis.Redis.from_url(url, socket_timeout=0.1) as probe:
+        while time.monotonic() < deadline:
+            try:
+                probe.ping()
+            except redis.TimeoutError:
+                return
+            time.sleep(0.01)
+    raise AssertionError(f"Redis at {url} still answers after {timeout} s")
 
 
 async def timed_requests(app: Quart, count: int) -> list[tuple[int, str | None, float]]:
