@@ -1,7 +1,8 @@
 """The command line: ``kvstore serve``.
 
-``serve`` reads the settings, starts an embedded Redis when
-``KVSTORE_REDIS_URL`` is unset, and runs the app on Hypercorn with uvloop.
+``serve`` reads the settings, starts an embedded Redis when neither
+``KVSTORE_REDIS_URL`` nor ``KVSTORE_REDIS_SENTINELS`` is set, and runs the
+app on Hypercorn with uvloop.
 With ``KVSTORE_WORKERS=1`` the app runs in this process; with more, Hypercorn
 starts that many worker processes sharing the listening socket, and each
 builds its app from the same environment.
@@ -48,7 +49,7 @@ def serve() -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     embedded: EmbeddedRedis | None = None
-    if settings.redis_url is None:
+    if settings.redis_url is None and settings.redis_sentinels is None:
         try:
             embedded = EmbeddedRedis(settings.data_dir)
             url = embedded.start()
