@@ -1,18 +1,27 @@
-"""Shared fixtures: a real Redis server, settings, the app and its client.
+"""Shared fixtures: real Redis deployments, settings, the app and its client.
 
-The suite starts its own Redis server (with the same code as the embedded
-mode of ``kvstore serve``) unless ``KVSTORE_TEST_REDIS_URL`` names one. Tests
-never flush a database: each test gets its own key prefix and its keys are
-removed afterwards.
+Every test that uses ``settings``, ``app``, ``client``, ``redis_client``,
+``key_prefix`` or ``live`` runs once per Redis topology: a standalone server,
+a three-primary Redis Cluster and a Sentinel-managed primary (test ids
+``standalone``, ``cluster`` and ``sentinel``; choose with ``-k``). The suite
+starts each deployment itself, once per session, on free ports in temporary
+directories (the standalone server with the same code as the embedded mode of
+``kvstore serve``) unless ``KVSTORE_TEST_REDIS_URL`` names a standalone
+server; without a ``redis-server`` binary the cluster and sentinel runs skip.
+Tests never flush a database: each test gets its own key prefix and its keys
+are removed afterwards, on every primary.
 """
 
+import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -21,13 +30,44 @@ from quart import Quart
 from quart.typing import TestClientProtocol as QuartClient
 
 from kvstore.app import create_app
-from kvstore.embedded import EmbeddedRedis, free_port
+from kvstore.embedded import (
+    EmbeddedCluster,
+    EmbeddedRedis,
+    EmbeddedSentinelGroup,
+    find_redis_server,
+    free_port,
+)
 from kvstore.settings import Settings
+
+TOPOLOGIES = ("standalone", "cluster", "sentinel")
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTopology:
+    """One Redis deployment under test, and how the service is pointed at it.
+
+    ``environ`` holds the ``KVSTORE_*`` variables that select it; ``client``
+    opens a synchronous client that follows it (the cluster client offers the
+    commands tests use of ``redis.Redis``).
+    """
+
+    name: str
+    environ: dict[str, str]
+    client: Callable[[], redis.Redis]
+
+    def settings(self, **fields: Any) -> Settings:
+        """Settings on this deployment, with ``fields`` on top."""
+        return dataclasses.replace(Settings.from_env(self.environ), **fields)
+
+
+def _need_redis_server() -> None:
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary: install Redis to test this topology")
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of the Redis server the tests use."""
+    """The URL of the standalone Redis server the tests use."""
     url = os.environ.get("KVSTORE_TEST_REDIS_URL")
     if url:
         yield url
@@ -39,10 +79,72 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedCluster]:
+    """A local Redis Cluster: three primaries with one replica each."""
+    _need_redis_server()
+    cluster = EmbeddedCluster(tmp_path_factory.mktemp("cluster"), replicas=1)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedSentinelGroup]:
+    """A primary, one replica and three sentinels watching them."""
+    _need_redis_server()
+    group = EmbeddedSentinelGroup(tmp_path_factory.mktemp("sentinel"))
+    group.start()
+    yield group
+    group.stop()
+
+
+def cluster_topology(cluster: EmbeddedCluster) -> RedisTopology:
+    """The topology of a running ``EmbeddedCluster``."""
+
+    def connect() -> redis.Redis:
+        return cast(redis.Redis, redis.RedisCluster.from_url(cluster.url))
+
+    return RedisTopology("cluster", {"KVSTORE_REDIS_URL": cluster.url}, connect)
+
+
+def sentinel_topology(group: EmbeddedSentinelGroup) -> RedisTopology:
+    """The topology of a running ``EmbeddedSentinelGroup``."""
+    addresses = ",".join(f"{host}:{port}" for host, port in group.sentinel_addresses)
+
+    def connect() -> redis.Redis:
+        host, _, port = group.primary_address().rpartition(":")
+        return redis.Redis(host=host, port=int(port))
+
+    environ = {
+        "KVSTORE_REDIS_SENTINELS": addresses,
+        "KVSTORE_REDIS_SENTINEL_SERVICE": group.service,
+    }
+    return RedisTopology("sentinel", environ, connect)
+
+
+@pytest.fixture(scope="session", params=TOPOLOGIES)
+def redis_topology(request: pytest.FixtureRequest) -> RedisTopology:
+    """Each Redis deployment in turn; tests that use it run once per topology."""
+    name: str = request.param
+    if name == "cluster":
+        return cluster_topology(request.getfixturevalue("redis_cluster"))
+    if name == "sentinel":
+        return sentinel_topology(request.getfixturevalue("redis_sentinels"))
+    url: str = request.getfixturevalue("redis_url")
+    return RedisTopology(
+        "standalone", {"KVSTORE_REDIS_URL": url}, lambda: redis.Redis.from_url(url)
+    )
+
+
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain synchronous client on the test server, to look behind the API."""
-    client: redis.Redis = redis.Redis.from_url(redis_url)
+def redis_client(redis_topology: RedisTopology) -> Iterator[redis.Redis]:
+    """A synchronous client of the topology under test, to look behind the API."""
+    client = redis_topology.client()
     yield client
     client.close()
 
@@ -52,19 +154,23 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
     """A prefix no other test uses; its keys are removed after the test."""
     prefix = f"kvtest:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
+    remove_prefix(redis_client, prefix)
+
+
+def remove_prefix(client: redis.Redis, prefix: str) -> None:
+    """Unlink every key under ``prefix``, on every primary of a cluster."""
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     for start in range(0, len(keys), 1000):
-        redis_client.unlink(*keys[start : start + 1000])
+        client.unlink(*keys[start : start + 1000])
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
-    """Settings for one test, on the test Redis and the test's own prefix."""
-    return Settings(
-        redis_url=redis_url,
-        key_prefix=key_prefix,
-        data_dir=tmp_path,
-        log_format="json",
+def settings(
+    redis_topology: RedisTopology, key_prefix: str, tmp_path: Path
+) -> Settings:
+    """Settings for one test, on the topology under test and the test's prefix."""
+    return redis_topology.settings(
+        key_prefix=key_prefix, data_dir=tmp_path, log_format="json"
     )
 
 
@@ -83,19 +189,35 @@ def client(app: Quart) -> QuartClient:
 
 
 @pytest.fixture(scope="session")
-def live_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def live_url(
+    redis_topology: RedisTopology, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A real ``kvstore serve`` process (Hypercorn) on a free port.
 
     For what only a real server shows: percent-decoding of raw paths, HEAD
     lengths, streaming. Its keys live under a prefix of their own.
     """
-    port = free_port()
     log_path = tmp_path_factory.mktemp("live") / "kvstore.log"
+    with serve_process(redis_topology, LIVE_PREFIX, log_path) as url:
+        yield url
+    client = redis_topology.client()
+    try:
+        remove_prefix(client, LIVE_PREFIX)
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def serve_process(
+    topology: RedisTopology, prefix: str, log_path: Path
+) -> Iterator[str]:
+    """Run ``kvstore serve`` on ``topology`` at a free port; yield its URL."""
+    port = free_port()
     environ = {
         **os.environ,
-        "KVSTORE_REDIS_URL": redis_url,
+        **topology.environ,
         "KVSTORE_BIND": f"127.0.0.1:{port}",
-        "KVSTORE_KEY_PREFIX": LIVE_PREFIX,
+        "KVSTORE_KEY_PREFIX": prefix,
     }
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -111,10 +233,6 @@ def live_url(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         finally:
             process.terminate()
             process.wait(timeout=15)
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{LIVE_PREFIX}*"))
-        if keys:
-            client.unlink(*keys)
 
 
 LIVE_PREFIX = f"kvlive:{uuid.uuid4().hex[:12]}:"
