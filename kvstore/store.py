@@ -33,7 +33,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from kvstore.keys import escape_glob
@@ -78,11 +78,14 @@ return existed
 # loading its data set, out of memory or without a primary.
 _UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "OOM", "BUSY", "TRYAGAIN")
 
-# Cluster errors that end once the cluster settles: a shard down or failing
-# over (CLUSTERDOWN), slots without an owner, redirections that kept bouncing
-# while slots moved ("TTL exhausted") or a multi-key call meeting a slot half
-# migrated (TRYAGAIN).
-_CLUSTER_IN_FLUX = (
+# The same conditions where redis-py raises its own class and strips the
+# reply's first word (out of memory, a replica refusing writes), and cluster
+# errors that end once the cluster settles: a shard down or failing over
+# (CLUSTERDOWN), slots without an owner, redirections that kept bouncing while
+# slots moved ("TTL exhausted"), a multi-key call meeting a half-moved slot.
+_UNAVAILABLE_ERRORS = (
+    redis_errors.OutOfMemoryError,
+    redis_errors.ReadOnlyError,
     redis_errors.ClusterError,
     redis_errors.SlotNotCoveredError,
     redis_errors.AskError,
@@ -448,6 +451,36 @@ class _Guard:
         raise error from exc
 
 
+class _ClusterGuard(_Guard):
+    """A ``_Guard`` that also covers a race inside redis-py's cluster client.
+
+    When a cluster node reports CLUSTERDOWN, redis-py closes every connection
+    of the client, including ones other calls are using at that moment; those
+    calls then fail inside redis-py with ``AttributeError`` on the closed
+    socket. That is the cluster being unavailable, not a bug of the caller.
+    """
+
+    __slots__ = ()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, AttributeError) and _raised_in_redis(exc):
+            reset = redis_errors.ConnectionError("connection closed while in use")
+            await super().__aexit__(type(reset), reset, traceback)
+        await super().__aexit__(exc_type, exc, traceback)
+
+
+def _raised_in_redis(exc: BaseException) -> bool:
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    return frame is not None and "/redis/" in frame.tb_frame.f_code.co_filename
+
+
 def translate_error(exc: BaseException) -> StoreError | None:
     """The store error for a Redis failure, or None for anything else.
 
@@ -455,10 +488,8 @@ def translate_error(exc: BaseException) -> StoreError | None:
     Cluster conditions a retry can outlive (a shard down or failing over,
     slots moving, redirections that did not settle) count as unavailable.
     """
-    if isinstance(exc, _CLUSTER_IN_FLUX):
-        return StoreUnavailableError(
-            f"Redis Cluster cannot serve: {type(exc).__name__}"
-        )
+    if isinstance(exc, _UNAVAILABLE_ERRORS):
+        return StoreUnavailableError(f"Redis cannot serve: {type(exc).__name__}")
     if isinstance(exc, redis_errors.RedisClusterException):
         return StoreError(f"Redis Cluster failed: {type(exc).__name__}")
     if isinstance(exc, redis_errors.TimeoutError | TimeoutError):
@@ -656,12 +687,12 @@ class ClusterStore(RedisStore):
     """A ``Store`` on a Redis Cluster: keys spread over the primaries by hash slot.
 
     Single-key calls go to the key's primary; redis-py follows ``MOVED`` and
-    ``ASK`` redirections and reloads the slot map after a failover, within
-    the call's deadline (sockets time out at half of it, leaving time to
-    retry on the new owner). Full and wildcard reads and ``DELETE /keys``
-    walk every primary, sources of a slot migration before their targets,
-    and walk again if slots moved meanwhile, so a key present throughout is
-    never missed and never sent twice.
+    ``ASK`` redirections within the call's deadline. A call that meets a
+    failed node gets a 503 and the next call reloads the slot map, so the
+    store follows failovers without a restart. Full and wildcard reads and
+    ``DELETE /keys`` walk every primary, sources of a slot migration before
+    their targets, and walk again if slots moved meanwhile, so a key present
+    throughout is never missed and never sent twice.
 
     A bulk write whose keys share one slot is one atomic script, as on a
     single server. Otherwise it is staged on every slot first and committed
@@ -707,10 +738,21 @@ class ClusterStore(RedisStore):
             url,
             max_connections=settings.redis_max_connections,
             socket_connect_timeout=settings.redis_connect_timeout,
-            socket_timeout=settings.redis_timeout / 2,
-            retry=_retry(settings),
+            # The call's deadline bounds every read; a socket timeout as well
+            # would cost a timer per reply.
+            socket_timeout=None,
+            # redis-py's cluster retries (and its full reload every few MOVED
+            # replies) close every connection, those other calls are using
+            # included. Without them a failed call reports 503 and marks
+            # the layout for reloading, which the next call does; a MOVED
+            # reply still updates the slot map in place.
+            retry=Retry(NoBackoff(), 0),
+            reinitialize_steps=0,
         )
         return cls(client, settings)
+
+    def _deadline(self) -> "_Guard":
+        return _ClusterGuard(self, self._timeout)
 
     async def put_many(self, pairs: Mapping[str, bytes], expire_in: int | None) -> None:
         """See ``Store.put_many`` and the class notes on staging."""
@@ -883,9 +925,11 @@ class ClusterStore(RedisStore):
         """Pages of keys matching ``match`` on every primary, each key once.
 
         A pass walks the primaries with SCAN, sources of migrating slots
-        before their targets, so a key moving during the pass is met on one
-        side or the other. When the slot layout changed during a pass, the
-        next pass catches keys that moved across; staging keys are left out.
+        before their targets: a key moving during the pass is either still on
+        the source when the source is walked or already on the target when
+        the target is. When the layout changed during a pass (a migration
+        began or ended, a failover), another pass catches keys that moved
+        across. Staging keys are left out.
         """
         seen = SeenKeys()
         async with self._deadline():
@@ -915,7 +959,7 @@ class ClusterStore(RedisStore):
                         break
             async with self._deadline():
                 after = await self._layout()
-            if after.fingerprint == layout.fingerprint and not layout.migrating:
+            if after.fingerprint == layout.fingerprint:
                 return
             layout = after
         raise StoreUnavailableError("Redis Cluster slots kept moving during the read")
@@ -938,7 +982,7 @@ class ClusterStore(RedisStore):
         sources: set[str] = set()
         targets: set[str] = set()
         for node, me in zip(primaries, selves, strict=True):
-            slots = tuple(f"{start}-{end}" for start, end in me["slots"])
+            slots = tuple("-".join(map(str, entry)) for entry in me["slots"])
             moves = tuple(
                 f"{move['slot']}:{move['state']}:{move['node_id']}"
                 for move in me["migrations"]
@@ -950,7 +994,7 @@ class ClusterStore(RedisStore):
             primaries,
             key=lambda node: (node.name in targets, node.name not in sources),
         )
-        return _Layout(tuple(sorted(entries)), order, bool(sources or targets))
+        return _Layout(tuple(sorted(entries)), order)
 
     async def _primaries_view(self) -> tuple[list[Any] | None, list[dict[str, Any]]]:
         """The primaries the client knows and each one's own CLUSTER NODES line.
@@ -994,7 +1038,6 @@ class _Layout:
 
     fingerprint: tuple[tuple[str, str, tuple[str, ...]], ...]
     scan_order: list[Any]
-    migrating: bool
 
 
 def _hash_tag(key: bytes) -> bytes | None:
