@@ -286,10 +286,12 @@ class RedisStore:
         """Run a writing script, then ``WAIT`` for replicas when configured."""
         if not self._wait_replicas:
             return await script(keys=keys, args=args)
-        pipe = self._redis.pipeline(transaction=False)
-        await script(keys=keys, args=args, client=pipe)
-        pipe.wait(self._wait_replicas, self._wait_ms)
-        reply, confirmed = await pipe.execute()
+        # As a context manager, the pipeline gives its connection back even
+        # when the deadline cancels it mid-reply.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)
+            pipe.wait(self._wait_replicas, self._wait_ms)
+            reply, confirmed = await pipe.execute()
         self._check_replicas(confirmed)
         return reply
 
@@ -304,10 +306,10 @@ class RedisStore:
         """See ``Store.delete``."""
         async with self._deadline():
             if self._wait_replicas:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.unlink(self._key(key))
-                pipe.wait(self._wait_replicas, self._wait_ms)
-                removed, confirmed = await pipe.execute()
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.unlink(self._key(key))
+                    pipe.wait(self._wait_replicas, self._wait_ms)
+                    removed, confirmed = await pipe.execute()
                 self._check_replicas(confirmed)
             else:
                 removed = await self._redis.unlink(self._key(key))
@@ -326,8 +328,10 @@ class RedisStore:
         pending: list[bytes] = []
         prefix_length = len(self._prefix_bytes)
         while cursor is not None or pending:
-            async with self._deadline():
-                pipe = self._redis.pipeline(transaction=False)
+            async with (
+                self._deadline(),
+                self._redis.pipeline(transaction=False) as pipe,
+            ):
                 if pending:
                     pipe.mget(pending)
                 if cursor is not None:
@@ -360,10 +364,10 @@ class RedisStore:
                     cursor, match=match, count=self._scan_batch
                 )
                 if keys and self._wait_replicas:
-                    pipe = self._redis.pipeline(transaction=False)
-                    pipe.unlink(*keys)
-                    pipe.wait(self._wait_replicas, self._wait_ms)
-                    unlinked, confirmed = await pipe.execute()
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        pipe.unlink(*keys)
+                        pipe.wait(self._wait_replicas, self._wait_ms)
+                        unlinked, confirmed = await pipe.execute()
                     self._check_replicas(confirmed)
                     removed += int(unlinked)
                 elif keys:
@@ -583,6 +587,28 @@ PRIMARY_HEAD_SCRIPT = "#!lua flags=allow-oom" + HEAD_SCRIPT
 PRIMARY_PUT_SCRIPT = "#!lua" + PUT_SCRIPT
 
 
+class _Sentinels(Sentinel):
+    """redis-py's ``Sentinel``, with discoveries of the primary taken in turn.
+
+    Each discovery moves the sentinel that answered to the front of the
+    list; two running at once swap by stale positions, which can drop a
+    sentinel from the list (and leave its connections open). New connections
+    are made one at a time during a failover anyway, each asking sentinels
+    that answer in milliseconds.
+    """
+
+    def __init__(
+        self, addresses: list[tuple[str, int]], options: dict[str, float]
+    ) -> None:
+        super().__init__(addresses, sentinel_kwargs=options)  # type: ignore[no-untyped-call]
+        self._discovery = asyncio.Lock()
+
+    async def discover_master(self, service_name: str) -> Any:
+        """See ``Sentinel.discover_master``; one discovery at a time."""
+        async with self._discovery:
+            return await super().discover_master(service_name)
+
+
 class SentinelStore(RedisStore):
     """A ``Store`` on the primary that Redis Sentinel names, followed through failovers.
 
@@ -615,18 +641,22 @@ class SentinelStore(RedisStore):
         """
         if settings.redis_sentinel_service is None:
             raise ValueError("KVSTORE_REDIS_SENTINEL_SERVICE is not set")
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            settings.sentinel_addresses(),
-            sentinel_kwargs={
-                "socket_connect_timeout": settings.redis_connect_timeout,
-                "socket_timeout": settings.redis_connect_timeout,
-            },
-        )
+        # A server that stops answering is the usual start of a failover.
+        # Socket timeouts a little inside the call's deadline let redis-py
+        # close such connections itself, which cancelling it mid-handshake
+        # does not always do.
+        inside = settings.redis_timeout * 0.8
+        timeouts = {
+            "socket_connect_timeout": min(settings.redis_connect_timeout, inside),
+            "socket_timeout": inside,
+        }
+        sentinel = _Sentinels(settings.sentinel_addresses(), timeouts)
         client = sentinel.master_for(
             settings.redis_sentinel_service,
             max_connections=settings.redis_max_connections,
-            socket_connect_timeout=settings.redis_connect_timeout,
             retry=_retry(settings),
+            socket_connect_timeout=timeouts["socket_connect_timeout"],
+            socket_timeout=timeouts["socket_timeout"],
             **_credentials(settings.redis_url),
         )
         return cls(client, settings, sentinel)

@@ -7,7 +7,6 @@ value.
 """
 
 import asyncio
-import dataclasses
 import threading
 import time
 import uuid
@@ -16,15 +15,13 @@ from collections.abc import AsyncIterator, Iterator
 import orjson
 import pytest
 import redis
-from conftest import cluster_topology, remove_prefix
+from conftest import Traffic, cluster_topology, remove_prefix, run_during
 from quart import Quart
-from quart.typing import TestClientProtocol as QuartClient
 from redis.crc import key_slot
 
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedCluster, EmbeddedRedis
 from kvstore.settings import Settings
-from kvstore.store import StoreUnavailableError
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -87,111 +84,6 @@ def owner(cluster: EmbeddedCluster, slot: int) -> EmbeddedRedis:
             if start <= slot <= end:
                 return next(node for node in cluster.nodes if node.port == primary[1])
     raise AssertionError(f"no primary serves slot {slot}")
-
-
-@dataclasses.dataclass
-class Traffic:
-    """Writers and readers of versioned values, checking every answer.
-
-    Each key has one writer, which stores increasing versions; ``acked``
-    holds the last version a 2xx answered. A read must give a version no
-    older than the one acknowledged before it started and no newer than the
-    last one tried. ``problems`` lists every answer that broke the rules.
-    """
-
-    client: QuartClient
-    keys: list[str]
-    acked: dict[str, int] = dataclasses.field(default_factory=dict)
-    tried: dict[str, int] = dataclasses.field(default_factory=dict)
-    statuses: dict[int, int] = dataclasses.field(default_factory=dict)
-    problems: list[str] = dataclasses.field(default_factory=list)
-    slowest: float = 0.0
-
-    def count(self, status: int, started: float) -> None:
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        self.slowest = max(self.slowest, time.monotonic() - started)
-        if status not in (200, 201, 204, 404, 503):
-            self.problems.append(f"status {status}")
-
-    async def write(self, key: str) -> None:
-        version = self.tried.get(key, 0) + 1
-        self.tried[key] = version
-        started = time.monotonic()
-        response = await self.client.put(
-            f"/keys/{key}", data=str(version).encode(), headers=JSON_HEADERS
-        )
-        self.count(response.status_code, started)
-        if response.status_code in (200, 201):
-            self.acked[key] = version
-
-    async def read(self, key: str) -> None:
-        floor = self.acked.get(key, 0)
-        started = time.monotonic()
-        response = await self.client.get(f"/keys/{key}")
-        self.count(response.status_code, started)
-        if response.status_code == 200:
-            self.check(key, (await response.get_json())[key], floor)
-        elif response.status_code == 404 and floor:
-            self.problems.append(f"{key}: 404 after version {floor} was stored")
-
-    async def read_all(self) -> None:
-        floors = dict(self.acked)
-        started = time.monotonic()
-        try:
-            response = await self.client.get("/keys")
-        except StoreUnavailableError:
-            # A failure after the first batch ends the streamed body early,
-            # which a client sees as a broken document, never a wrong one.
-            self.count(503, started)
-            return
-        self.count(response.status_code, started)
-        if response.status_code != 200:
-            return
-        pairs = orjson.loads(await response.get_data())
-        for key, floor in floors.items():
-            if key not in pairs:
-                self.problems.append(f"full read lost {key} (version {floor})")
-            else:
-                self.check(key, pairs[key], floor)
-
-    def check(self, key: str, version: int, floor: int) -> None:
-        if not floor <= version <= self.tried[key]:
-            self.problems.append(
-                f"{key}: read version {version}, stored {floor}, "
-                f"last tried {self.tried[key]}"
-            )
-
-    async def run(self, stop: asyncio.Event, full_reads: bool = True) -> None:
-        """Write and read every key in turn until ``stop`` is set."""
-
-        async def worker(keys: list[str]) -> None:
-            while not stop.is_set():
-                for key in keys:
-                    await self.write(key)
-                    await self.read(key)
-
-        async def scanner() -> None:
-            while not stop.is_set():
-                await self.read_all()
-                await asyncio.sleep(0.05)
-
-        shares = [self.keys[index::4] for index in range(4)]
-        tasks = [worker(share) for share in shares]
-        if full_reads:
-            tasks.append(scanner())
-        await asyncio.gather(*tasks)
-
-
-async def run_during(traffic: Traffic, change: "threading.Thread") -> None:
-    """Run ``traffic`` before, during and shortly after ``change``."""
-    stop = asyncio.Event()
-    running = asyncio.create_task(traffic.run(stop))
-    await asyncio.sleep(0.3)
-    change.start()
-    await asyncio.to_thread(change.join)
-    await asyncio.sleep(1.0)
-    stop.set()
-    await running
 
 
 async def test_bulk_put_spreads_keys_over_every_primary(
