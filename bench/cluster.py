@@ -12,7 +12,7 @@ Redis Cluster of three primaries (no replicas), each behind its own
 
 Prints a Markdown table (and writes it to ``--output``)::
 
-    python bench/cluster.py                 # 10 s per run, about 2 minutes
+    python bench/cluster.py                 # 10 s per run, about 4 minutes
     python bench/cluster.py --duration 3 --rounds 1   # a quick look
 
 Everything it starts is stopped at the end; nothing is persisted.
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="runs per figure")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per figure")
     parser.add_argument("--output", type=Path, default=Path("bench/results/cluster.md"))
     options = parser.parse_args(argv)
     if shutil.which("wrk") is None:
