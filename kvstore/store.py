@@ -474,7 +474,8 @@ class _ClusterGuard(_Guard):
     ) -> None:
         if isinstance(exc, AttributeError) and _raised_in_redis(exc):
             reset = redis_errors.ConnectionError("connection closed while in use")
-            await super().__aexit__(type(reset), reset, traceback)
+            reset.__cause__ = exc
+            exc_type, exc = type(reset), reset
         await super().__aexit__(exc_type, exc, traceback)
 
 
@@ -801,19 +802,25 @@ class ClusterStore(RedisStore):
             return
         batch = uuid.uuid4().hex.encode()
         stages = {slot: self._stage_key(slot, batch) for slot in groups}
-        committed: set[int] = set()
+        progress = _BulkProgress()
         try:
             async with self._deadline():
                 await self._stage(groups, stages)
-                await self._commit(groups, stages, lifetime, committed)
+                progress.committing = True
+                await self._commit(groups, stages, lifetime, progress.committed)
         except StoreError:
-            if committed:
+            if not progress.committing:
+                await self._discard(list(stages.values()))
+            else:
+                # A commit whose reply was lost may have applied too, so the
+                # count is a lower bound.
                 log.exception(
                     "bulk write partly applied",
-                    extra={"slots_written": len(committed), "slots": len(groups)},
+                    extra={
+                        "slots_written": len(progress.committed),
+                        "slots": len(groups),
+                    },
                 )
-            else:
-                await self._discard(list(stages.values()))
             raise
 
     def _stage_key(self, slot: int, batch: bytes) -> bytes:
@@ -1060,6 +1067,14 @@ class ClusterStore(RedisStore):
             in_use += len(node._connections) - len(node._free)
         limit = self._per_node_limit * len(self._cluster.get_primaries())
         return PoolStats(in_use=in_use, idle=idle, limit=limit)
+
+
+@dataclasses.dataclass(slots=True)
+class _BulkProgress:
+    """How far a staged bulk write got: committing yet, and which slots are done."""
+
+    committing: bool = False
+    committed: set[int] = dataclasses.field(default_factory=set)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -151,18 +151,10 @@ def migrate_slot(cluster: EmbeddedCluster, slot: int, pause: float) -> None:
         dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 2):
-            # REPLACE, as resharding tools retry with: should a key exist on
-            # both sides, the traffic's checks catch the older value winning.
+            # Without REPLACE: a key written on both sides (a client writing
+            # to the target before the source let go of it) fails the move.
             src.execute_command(
-                "MIGRATE",
-                "127.0.0.1",
-                target.port,
-                "",
-                0,
-                5000,
-                "REPLACE",
-                "KEYS",
-                *keys,
+                "MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys
             )
             time.sleep(pause)
         # The target first, so the slot is never claimed by nobody.
@@ -271,3 +263,78 @@ async def test_killed_primary_gives_503s_then_its_replica_serves(
     assert traffic.slowest < 1.5 + 1.0
     assert after_failover.problems == []
     assert after_failover.statuses == {201: 8, 200: 8}
+
+
+async def test_bulk_put_commit_is_retried_until_a_shard_takes_it(
+    redis_cluster: EmbeddedCluster,
+    cluster_app: Quart,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pairs = {f"retried-{index}": index for index in range(200)}
+    store = cluster_app.extensions["kvstore.holder"].store
+    stage = store._stage
+    refusing = node_client(primaries(redis_cluster)[2])
+
+    async def stage_then_refuse_for_a_while(*args: object) -> None:
+        await stage(*args)
+        refusing.config_set("maxmemory", "1")
+        asyncio.get_running_loop().call_later(
+            0.3, refusing.config_set, "maxmemory", "0"
+        )
+
+    monkeypatch.setattr(store, "_stage", stage_then_refuse_for_a_while)
+    client = cluster_app.test_client()
+
+    try:
+        response = await client.put(
+            "/keys", data=orjson.dumps(pairs), headers=JSON_HEADERS
+        )
+    finally:
+        await asyncio.sleep(0.4)
+        refusing.config_set("maxmemory", "0")
+        refusing.close()
+    read = await client.get("/keys")
+
+    assert response.status_code == 200
+    assert await read.get_json() == pairs
+
+
+async def test_bulk_put_losing_a_shard_after_staging_is_503_and_logged(
+    redis_cluster: EmbeddedCluster,
+    cluster_app: Quart,
+    cluster_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pairs = {f"partial-{index}": index for index in range(200)}
+    store = cluster_app.extensions["kvstore.holder"].store
+    stage = store._stage
+    lost = primaries(redis_cluster)[2]
+    refusing = node_client(lost)
+
+    async def stage_then_refuse(*args: object) -> None:
+        await stage(*args)
+        refusing.config_set("maxmemory", "1")
+
+    monkeypatch.setattr(store, "_stage", stage_then_refuse)
+    client = cluster_app.test_client()
+
+    try:
+        response = await client.put(
+            "/keys", data=orjson.dumps(pairs), headers=JSON_HEADERS
+        )
+    finally:
+        refusing.config_set("maxmemory", "0")
+        refusing.close()
+    written = [
+        key
+        for node in primaries(redis_cluster)
+        for key in service_keys(node, cluster_prefix)
+    ]
+
+    assert response.status_code == 503
+    assert 0 < len(written) < len(pairs)
+    assert service_keys(lost, cluster_prefix) == []
+    assert any(
+        record.getMessage() == "bulk write partly applied" for record in caplog.records
+    )
