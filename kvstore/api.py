@@ -58,6 +58,10 @@ def create_blueprint(settings: Settings, holder: StoreHolder) -> Blueprint:
     async def read_all() -> Response:
         query = _query()
         glob = _glob(query, settings)
+        if request.method == "HEAD":
+            # A HEAD must not cost a scan of every key: check Redis answers.
+            await holder.store.ping()
+            return Response(b"", content_type=JSON)
         batches = holder.store.scan(glob)
         first = await anext(batches, None)
         body = _stream_object(first, batches)

@@ -7,8 +7,8 @@ and connects nowhere.
 """
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 
 from hypercorn.typing import (
@@ -19,12 +19,12 @@ from hypercorn.typing import (
 )
 from quart import Quart
 
-from kvstore import __version__, api, probes
+from kvstore import __version__, api, openapi, probes
 from kvstore.errors import register_error_handlers
 from kvstore.logs import log_access, request_id_var
-from kvstore.openapi import install_openapi
+from kvstore.metrics import install_metrics
 from kvstore.settings import Settings
-from kvstore.store import Store, open_store
+from kvstore.store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     settings = settings or Settings.from_env()
     if store is None and settings.redis_url is None and not settings.redis_sentinels:
         raise ValueError("KVSTORE_REDIS_URL is not set and no store was given")
-    app = Quart("kvstore")
+    app = Quart("kvstore", static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         # A streamed read of millions of keys may take longer than any fixed
@@ -74,6 +74,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         log.info(
             "kvstore %s serving", __version__, extra={"settings": settings.public()}
         )
+        try:
+            await holder.store.ping()
+        except StoreError:
+            # Not fatal: requests get 503s until Redis answers, and the
+            # store logs when it does.
+            log.warning("redis does not answer yet; serving 503 until it does")
 
     @app.after_serving
     async def close_store() -> None:
@@ -84,9 +90,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.register_blueprint(api.create_blueprint(settings, holder))
     app.register_blueprint(probes.create_blueprint(holder))
     register_error_handlers(app, settings.retry_after)
-    install_openapi(app, settings)
+    app.register_blueprint(openapi.create_blueprint(settings))
+    metrics = install_metrics(app, settings, holder)
     app.extensions["kvstore.holder"] = holder
-    middleware = RequestMiddleware(app.asgi_app, route_templates(app), [])
+    middleware = RequestMiddleware(
+        app.asgi_app, route_templates(app), [metrics.observe_request]
+    )
     app.extensions["kvstore.observers"] = middleware.observers
     app.asgi_app = middleware  # type: ignore[method-assign]
     return app
@@ -147,7 +156,7 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _client_request_id(scope["headers"]) or uuid.uuid4().hex
+        request_id = _client_request_id(scope["headers"]) or os.urandom(16).hex()
         token = request_id_var.set(request_id)
         id_header = (_REQUEST_ID_HEADER, request_id.encode())
         status = CLIENT_CLOSED_REQUEST

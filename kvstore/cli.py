@@ -1,18 +1,29 @@
 """The command line: ``kvstore serve``.
 
 ``serve`` reads the settings, starts an embedded Redis when neither
-``KVSTORE_REDIS_URL`` nor ``KVSTORE_REDIS_SENTINELS`` is set, and runs the
-app on Hypercorn with uvloop.
-With ``KVSTORE_WORKERS=1`` the app runs in this process; with more, Hypercorn
-starts that many worker processes sharing the listening socket, and each
-builds its app from the same environment.
+``KVSTORE_REDIS_URL`` nor ``KVSTORE_REDIS_SENTINELS`` is set, and runs the app
+with uvloop on Hypercorn, or on uvicorn (with httptools) when
+``KVSTORE_SERVER=uvicorn``. With ``KVSTORE_WORKERS=1`` the app runs in this
+process; with more, the server starts that many worker processes sharing the
+listening socket, and each builds its app from the same environment. Both
+servers get the same bind address, workers, logging, request limits and
+graceful shutdown. Workers exchange their metrics through
+``KVSTORE_METRICS_DIR``, a private temporary directory unless set.
 """
 
 import argparse
+import importlib.util
 import logging
+import math
 import os
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from hypercorn.config import Config
 from hypercorn.run import run as run_hypercorn
@@ -22,9 +33,16 @@ from kvstore import __version__
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis, EmbeddedRedisError
 from kvstore.logs import configure_logging
+from kvstore.metrics import clear_exchange_dir
 from kvstore.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+
+# The factory each server (and each worker process) imports the app from.
+APPLICATION = "kvstore.cli:worker_app"
+BACKLOG = 1024
+# The most bytes of request line and headers a client may send.
+MAX_HEADER_BYTES = 16 * 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +65,15 @@ def serve() -> int:
     except SettingsError as exc:
         sys.stderr.write(f"kvstore: {exc}\n")
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format, settings.log_level, access=settings.access_log
+    )
+    if settings.server == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
+        sys.stderr.write(
+            "kvstore: KVSTORE_SERVER=uvicorn needs uvicorn: "
+            "pip install 'kvstore[uvicorn]'\n"
+        )
+        return 2
     embedded: EmbeddedRedis | None = None
     if settings.redis_url is None and settings.redis_sentinels is None:
         try:
@@ -62,12 +88,24 @@ def serve() -> int:
         )
         # Worker processes read their settings from the environment.
         os.environ["KVSTORE_REDIS_URL"] = url
+    own_metrics_dir: Path | None = None
+    if settings.metrics_dir is not None:
+        clear_exchange_dir(settings.metrics_dir)
+    elif settings.workers > 1:
+        # Workers hand their metrics to each other through this directory.
+        own_metrics_dir = Path(tempfile.mkdtemp(prefix="kvstore-metrics-"))
+        os.environ["KVSTORE_METRICS_DIR"] = str(own_metrics_dir)
     log.info("kvstore starting", extra={"settings": Settings.from_env().public()})
     try:
-        run_hypercorn(hypercorn_config(settings))
+        if settings.server == "uvicorn":
+            run_uvicorn(settings)
+        else:
+            run_hypercorn(hypercorn_config(settings))
     finally:
         if embedded is not None:
             embedded.stop()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
         log.info("kvstore stopped")
     return 0
 
@@ -76,19 +114,70 @@ def hypercorn_config(settings: Settings) -> Config:
     """Hypercorn's configuration for ``settings``."""
     config = Config()
     config.bind = [settings.bind]
+    if settings.metrics_bind is not None:
+        config.bind.append(settings.metrics_bind)
     # Hypercorn runs the app in this process for 0 workers.
     config.workers = 0 if settings.workers == 1 else settings.workers
     config.worker_class = "uvloop"
-    config.application_path = "kvstore.cli:worker_app()"
+    config.application_path = f"{APPLICATION}()"
     config.graceful_timeout = settings.shutdown_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.backlog = 1024
+    config.backlog = BACKLOG
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
     return config
+
+
+def run_uvicorn(settings: Settings) -> None:
+    """Serve with uvicorn until SIGINT or SIGTERM."""
+    host, _, port = settings.bind.rpartition(":")
+    address: dict[str, Any] = (
+        {"uds": settings.bind.removeprefix("unix:")}
+        if settings.bind.startswith("unix:")
+        else {"host": host.strip("[]"), "port": int(port)}
+    )
+    # uvicorn re-raises the signal that stopped it once it has shut down, to
+    # end the process the way the signal would have. kvstore still has work
+    # to do then (stopping the embedded Redis), so the re-raised signal lands
+    # on a handler that lets the call return instead.
+    previous = {
+        number: signal.signal(number, _ignore_signal)
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        _run_uvicorn(settings, address)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _ignore_signal(number: int, frame: FrameType | None) -> None:
+    log.debug("signal %s received after shutdown", number)
+
+
+def _run_uvicorn(settings: Settings, address: dict[str, Any]) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        APPLICATION,
+        factory=True,
+        **address,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        backlog=BACKLOG,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
 
 
 def worker_app() -> Quart:
     """The app of one Hypercorn worker, configured from the environment."""
     settings = Settings.from_env()
-    configure_logging(settings.log_format, settings.log_level)
+    configure_logging(
+        settings.log_format, settings.log_level, access=settings.access_log
+    )
     return create_app(settings)

@@ -80,23 +80,93 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(
-    log_format: str = "json", level: str = "INFO", stream: TextIO | None = None
+    log_format: str = "json",
+    level: str = "INFO",
+    stream: TextIO | None = None,
+    *,
+    access: bool = True,
 ) -> None:
-    """Send kvstore's, Quart's and Hypercorn's logs to ``stream`` (stdout).
+    """Send kvstore's, Quart's and the server's logs to ``stream`` (stdout).
 
-    Hypercorn's own access log stays off: kvstore writes one access line per
-    request itself. Calling this again replaces the earlier configuration.
+    The servers' own access logs stay off: kvstore writes one access line per
+    request itself, or none with ``access=False``. Calling this again replaces
+    the earlier configuration.
     """
+    global _access_writer
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
-    for name in ("kvstore", "quart.app", "quart.serving", "hypercorn.error"):
+    for name in (
+        "kvstore",
+        "quart.app",
+        "quart.serving",
+        "hypercorn.error",
+        "uvicorn.error",
+    ):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
         logger.propagate = False
-    hypercorn_access = logging.getLogger("hypercorn.access")
-    hypercorn_access.handlers[:] = [logging.NullHandler()]
-    hypercorn_access.propagate = False
+    for name in ("hypercorn.access", "uvicorn.access"):
+        server_access = logging.getLogger(name)
+        server_access.handlers[:] = [logging.NullHandler()]
+        server_access.propagate = False
+    # Thread and process names cost a lookup on every record and say nothing
+    # here: one event loop thread per process, and the pid is in the logs of
+    # whatever runs the service.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    enabled = access and access_log.isEnabledFor(logging.INFO)
+    _access_writer = AccessWriter(handler, log_format) if enabled else None
+
+
+class AccessWriter:
+    """Writes access lines straight to the log stream.
+
+    An access line is written for every request, so it skips the general
+    machinery of ``logging`` (a LogRecord, caller lookup, extras scan) and
+    renders the same fields the formatters would, under the handler's lock.
+    """
+
+    def __init__(self, handler: "logging.StreamHandler[TextIO]", log_format: str):
+        self._handler = handler
+        self._json = log_format == "json"
+
+    def write(self, method: str, route: str, status: int, duration_ms: float) -> None:
+        """Write one access line."""
+        now = time.time()
+        request_id = request_id_var.get()
+        message = f"{method} {route} {status}"
+        if self._json:
+            line = orjson.dumps(
+                {
+                    "time": _timestamp(now),
+                    "level": "info",
+                    "logger": access_log.name,
+                    "message": message,
+                    "request_id": request_id,
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": duration_ms,
+                }
+            ).decode()
+        else:
+            line = (
+                f"{_timestamp(now)} INFO    {access_log.name}: {message} "
+                f"[request_id={request_id} method={method} route={route} "
+                f"status={status} duration_ms={duration_ms}]"
+            )
+        handler = self._handler
+        handler.acquire()
+        try:
+            handler.stream.write(line + "\n")
+            handler.stream.flush()
+        finally:
+            handler.release()
+
+
+_access_writer: AccessWriter | None = None
 
 
 def log_access(method: str, route: str, status: int, started: float) -> None:
@@ -104,21 +174,9 @@ def log_access(method: str, route: str, status: int, started: float) -> None:
 
     The request id comes from the logging context, like every other line.
     """
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    duration_ms = round((time.perf_counter() - started) * 1000, 3)
-    access_log.info(
-        "%s %s %s",
-        method,
-        route,
-        status,
-        extra={
-            "method": method,
-            "route": route,
-            "status": status,
-            "duration_ms": duration_ms,
-        },
-    )
+    if _access_writer is not None:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        _access_writer.write(method, route, status, duration_ms)
 
 
 def _timestamp(created: float) -> str:

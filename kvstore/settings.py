@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 LOG_FORMATS = ("json", "text")
+SERVERS = ("hypercorn", "uvicorn")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -50,6 +51,10 @@ def _parse_path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _parse_optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text else None
+
+
 PARSERS: dict[Any, Callable[[str], Any]] = {
     int: _parse_int,
     float: _parse_float,
@@ -57,6 +62,7 @@ PARSERS: dict[Any, Callable[[str], Any]] = {
     str: _parse_str,
     str | None: _parse_optional_str,
     Path: _parse_path,
+    Path | None: _parse_optional_path,
 }
 
 
@@ -76,6 +82,7 @@ class Settings:
 
     bind: str = "127.0.0.1:5000"
     workers: int = 1
+    server: str = "hypercorn"
     redis_url: str | None = None
     data_dir: Path = Path("./data")
     key_prefix: str = "kvstore:"
@@ -98,6 +105,8 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = True
     shutdown_timeout: float = 10.0
+    metrics_bind: str | None = None
+    metrics_dir: Path | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -131,6 +140,8 @@ class Settings:
                 "must be set together with KVSTORE_REDIS_SENTINEL_SERVICE",
             )
         self.sentinel_addresses()
+        if self.server not in SERVERS:
+            _fail("server", self.server, f"must be one of {SERVERS}")
         if self.log_format not in LOG_FORMATS:
             _fail("log_format", self.log_format, f"must be one of {LOG_FORMATS}")
         if self.log_level not in LOG_LEVELS:
@@ -139,6 +150,16 @@ class Settings:
             _fail("key_prefix", self.key_prefix, "must not be empty")
         if self.bind.rpartition(":")[0] == "" and not self.bind.startswith("unix:"):
             _fail("bind", self.bind, "must be HOST:PORT or unix:PATH")
+        if self.metrics_bind is not None:
+            _check_metrics_bind(self.metrics_bind, self.bind)
+            if self.server != "hypercorn":
+                # uvicorn listens on one address only.
+                _fail(
+                    "metrics_bind", self.metrics_bind, "needs KVSTORE_SERVER=hypercorn"
+                )
+        if self.metrics_dir is not None and len(str(self.metrics_dir)) > 80:
+            # Workers listen on unix sockets inside it, whose paths are short.
+            _fail("metrics_dir", str(self.metrics_dir), "must be at most 80 characters")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -185,6 +206,9 @@ class Settings:
             field.name: getattr(self, field.name) for field in dataclasses.fields(self)
         }
         shown["data_dir"] = str(self.data_dir)
+        shown["metrics_dir"] = (
+            None if self.metrics_dir is None else str(self.metrics_dir)
+        )
         shown["redis_url"] = mask_url(self.redis_url)
         return shown
 
@@ -203,6 +227,24 @@ def mask_url(url: str | None) -> str | None:
     if not sep or not credentials:
         return url
     return f"{scheme}://***@{location}"
+
+
+def tcp_port(bind: str) -> int | None:
+    """The port of a ``HOST:PORT`` bind, or None for ``unix:PATH`` or no port."""
+    if bind.startswith("unix:"):
+        return None
+    _, _, port = bind.rpartition(":")
+    return int(port) if port.isdigit() else None
+
+
+def _check_metrics_bind(metrics_bind: str, bind: str) -> None:
+    # Requests are told apart by the port they arrived on, so the metrics
+    # listener needs a TCP port of its own.
+    port = tcp_port(metrics_bind)
+    if port is None or not 0 < port < 65536 or not metrics_bind.rpartition(":")[0]:
+        _fail("metrics_bind", metrics_bind, "must be HOST:PORT")
+    if port == tcp_port(bind):
+        _fail("metrics_bind", metrics_bind, "must use another port than KVSTORE_BIND")
 
 
 def _fail(name: str, value: object, reason: str) -> None:

@@ -42,18 +42,29 @@ from kvstore.settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 # Reads a value and its remaining lifetime in one atomic step, so the
-# ``Expires-In`` header always belongs to the value it is sent with.
+# ``Expires-In`` header always belongs to the value it is sent with. A miss
+# answers 1 when the read found the key past its expiry and so removed it
+# (the database shrank while nothing else could run), else 0.
 GET_SCRIPT = """
+local size = redis.call('DBSIZE')
 local value = redis.call('GET', KEYS[1])
-if not value then return false end
+if not value then
+    if redis.call('DBSIZE') < size then return 1 end
+    return 0
+end
 return {value, redis.call('PTTL', KEYS[1])}
 """
 
 # Size and lifetime without the value: HEAD answers with GET's headers,
-# Content-Length included, while moving no value over the wire.
+# Content-Length included, while moving no value over the wire. A miss
+# answers like GET's.
 HEAD_SCRIPT = """
+local size = redis.call('DBSIZE')
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return false end
+if ttl == -2 then
+    if redis.call('DBSIZE') < size then return 1 end
+    return 0
+end
 return {redis.call('STRLEN', KEYS[1]), ttl}
 """
 
@@ -93,16 +104,43 @@ _UNAVAILABLE_ERRORS = (
 )
 
 
+# The ``kind`` of every store error: a short name of what went wrong, for
+# metrics and logs; a fixed set, so it is safe as a metric label.
+ERROR_KINDS = (
+    "timeout",
+    "connection",
+    "auth",
+    "loading",
+    "readonly",
+    "oom",
+    "busy",
+    "masterdown",
+    "tryagain",
+    "cluster",
+    "response",
+    "other",
+)
+
+
 class StoreError(Exception):
-    """Redis failed in a way the client did not cause."""
+    """Redis failed in a way the client did not cause.
+
+    ``kind`` is one of ``ERROR_KINDS``.
+    """
+
+    kind: str = "other"
 
 
 class StoreUnavailableError(StoreError):
     """Redis cannot be reached or cannot serve requests right now."""
 
+    kind = "connection"
+
 
 class StoreTimeoutError(StoreError):
     """Redis did not answer within the configured deadline."""
+
+    kind = "timeout"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,6 +215,10 @@ class Store(Protocol):
         """The connection pool's current use."""
         ...
 
+    def expired_reads(self) -> int:
+        """How many reads so far found their key expired, which removed it."""
+        ...
+
     async def aclose(self) -> None:
         """Close every connection."""
         ...
@@ -220,6 +262,7 @@ class RedisStore:
         # the same size, so a burst queues (within the deadline) instead.
         self._limit: asyncio.Semaphore | None = None
         self.reachable: bool | None = None
+        self._expired_reads = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str) -> "RedisStore":
@@ -252,7 +295,8 @@ class RedisStore:
         """See ``Store.get``."""
         async with self._deadline():
             reply = await self._get_script(keys=[self._key(key)])
-        if reply is None:
+        if not isinstance(reply, list):
+            self._expired_reads += int(reply)
             return None
         value, ttl = reply
         return Entry(value, _ttl(ttl))
@@ -261,7 +305,8 @@ class RedisStore:
         """See ``Store.head``."""
         async with self._deadline():
             reply = await self._head_script(keys=[self._key(key)])
-        if reply is None:
+        if not isinstance(reply, list):
+            self._expired_reads += int(reply)
             return None
         size, ttl = reply
         return Meta(int(size), _ttl(ttl))
@@ -389,6 +434,10 @@ class RedisStore:
             limit=int(pool.max_connections),
         )
 
+    def expired_reads(self) -> int:
+        """See ``Store.expired_reads``."""
+        return self._expired_reads
+
     async def aclose(self) -> None:
         """See ``Store.aclose``."""
         await self._redis.aclose()
@@ -489,10 +538,47 @@ def _raised_in_redis(exc: BaseException) -> bool:
 def translate_error(exc: BaseException) -> StoreError | None:
     """The store error for a Redis failure, or None for anything else.
 
-    The single place where redis-py's exception classes become kvstore's.
-    Cluster conditions a retry can outlive (a shard down or failing over,
-    slots moving, redirections that did not settle) count as unavailable.
+    The single place where redis-py's exception classes become kvstore's;
+    the error's ``kind`` says which failure it was. Cluster conditions a
+    retry can outlive (a shard down or failing over, slots moving,
+    redirections that did not settle) count as unavailable.
     """
+    error = _store_error(exc)
+    if error is not None:
+        error.kind = _error_kind(exc)
+    return error
+
+
+# Checked in order: the first class that matches names the kind.
+_KINDS_BY_CLASS: tuple[tuple[type[BaseException], str], ...] = (
+    (redis_errors.TimeoutError, "timeout"),
+    (TimeoutError, "timeout"),
+    (redis_errors.AuthenticationError, "auth"),
+    (redis_errors.NoPermissionError, "auth"),
+    (redis_errors.BusyLoadingError, "loading"),
+    (redis_errors.ConnectionError, "connection"),
+    (redis_errors.ReadOnlyError, "readonly"),
+    (redis_errors.OutOfMemoryError, "oom"),
+    (redis_errors.MasterDownError, "masterdown"),
+    (redis_errors.TryAgainError, "tryagain"),
+    (redis_errors.ClusterError, "cluster"),
+    (redis_errors.AskError, "cluster"),
+    (redis_errors.RedisClusterException, "cluster"),
+)
+
+
+def _error_kind(exc: BaseException) -> str:
+    for error_class, kind in _KINDS_BY_CLASS:
+        if isinstance(exc, error_class):
+            return kind
+    if isinstance(exc, redis_errors.ResponseError):
+        # Replies redis-py has no class for keep their code in the message.
+        code = str(exc).split(" ", 1)[0].lower()
+        return code if code in ERROR_KINDS else "response"
+    return "other"
+
+
+def _store_error(exc: BaseException) -> StoreError | None:
     if isinstance(exc, _UNAVAILABLE_ERRORS):
         return StoreUnavailableError(f"Redis cannot serve: {type(exc).__name__}")
     if isinstance(exc, redis_errors.RedisClusterException):
@@ -1059,14 +1145,19 @@ class ClusterStore(RedisStore):
             await self._cluster.ping(target_nodes=RedisCluster.PRIMARIES)
 
     def pool_stats(self) -> PoolStats:
-        """See ``Store.pool_stats``: summed over the nodes, as is the limit."""
-        in_use = idle = 0
-        nodes = self._cluster.get_nodes()
-        for node in nodes:
-            idle += len(node._free)
-            in_use += len(node._connections) - len(node._free)
-        limit = self._per_node_limit * len(self._cluster.get_primaries())
-        return PoolStats(in_use=in_use, idle=idle, limit=limit)
+        """See ``Store.pool_stats``: the busiest node's pool.
+
+        Each node has a pool of up to ``redis_max_connections``; the node with
+        the most connections in use is the one closest to running out, so its
+        figures stand for the store.
+        """
+        busiest = PoolStats(in_use=0, idle=0, limit=self._per_node_limit)
+        for node in self._cluster.get_nodes():
+            idle = len(node._free)
+            in_use = len(node._connections) - idle
+            if (in_use, idle) > (busiest.in_use, busiest.idle):
+                busiest = PoolStats(in_use, idle, self._per_node_limit)
+        return busiest
 
 
 @dataclasses.dataclass(slots=True)
@@ -1205,6 +1296,10 @@ class PendingStore:
         if self._store is None:
             return PoolStats(0, 0, self._settings.redis_max_connections)
         return self._store.pool_stats()
+
+    def expired_reads(self) -> int:
+        """See ``Store.expired_reads``."""
+        return 0 if self._store is None else self._store.expired_reads()
 
     async def aclose(self) -> None:
         """See ``Store.aclose``."""

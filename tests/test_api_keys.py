@@ -1,13 +1,14 @@
 """Single keys: ``PUT``, ``GET``, ``HEAD`` and ``DELETE /keys/{id}``."""
 
-import asyncio
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import pytest
 import redis
 from quart import Quart
 from quart.typing import TestClientProtocol as QuartClient
+
+from tests.helpers import asgi_request
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -121,46 +122,6 @@ async def test_head_has_get_headers_and_no_body(
     assert head_headers[b"content-length"] == get_headers[b"content-length"]
     assert head_headers[b"content-type"] == get_headers[b"content-type"]
     assert head_headers[b"expires-in"] == get_headers[b"expires-in"] == b"100"
-
-
-async def asgi_request(
-    app: Quart, method: str, path: str
-) -> tuple[int, dict[bytes, bytes], bytes]:
-    """Call the app as a server would; the test client rewrites HEAD lengths."""
-    messages: list[dict[str, Any]] = []
-    inbox = [{"type": "http.request", "body": b"", "more_body": False}]
-    finished = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        if inbox:
-            return inbox.pop()
-        await finished.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            finished.set()
-
-    scope = {
-        "type": "http",
-        "http_version": "1.1",
-        "asgi": {"version": "3.0"},
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 5000),
-        "extensions": {},
-    }
-    await cast(Any, app)(scope, receive, send)
-    start = messages[0]
-    body = b"".join(m.get("body", b"") for m in messages[1:])
-    return start["status"], dict(start["headers"]), body
 
 
 async def test_head_missing_key_returns_404(client: QuartClient) -> None:

@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator, Iterator
 import orjson
 import pytest
 import redis
-from conftest import Traffic, cluster_topology, remove_prefix, run_during
 from quart import Quart
 from redis.crc import key_slot
 
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedCluster, EmbeddedRedis
 from kvstore.settings import Settings
+from tests.topologies import Traffic, cluster_topology, remove_prefix, run_during
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -271,7 +271,7 @@ async def test_bulk_put_commit_is_retried_until_a_shard_takes_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pairs = {f"retried-{index}": index for index in range(200)}
-    store = cluster_app.extensions["kvstore.holder"].store
+    store = cluster_app.extensions["kvstore.holder"].store.inner
     stage = store._stage
     refusing = node_client(primaries(redis_cluster)[2])
 
@@ -307,7 +307,7 @@ async def test_bulk_put_losing_a_shard_after_staging_is_503_and_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     pairs = {f"partial-{index}": index for index in range(200)}
-    store = cluster_app.extensions["kvstore.holder"].store
+    store = cluster_app.extensions["kvstore.holder"].store.inner
     stage = store._stage
     lost = primaries(redis_cluster)[2]
     refusing = node_client(lost)

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import orjson
 import pytest
-from conftest import JSON_HEADERS, RedisTopology, remove_prefix, serve_process
+
+from tests.topologies import JSON_HEADERS, RedisTopology, remove_prefix, serve_process
 
 
 @pytest.fixture(scope="session")

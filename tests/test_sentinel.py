@@ -13,12 +13,18 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from conftest import JSON_HEADERS, Traffic, remove_prefix, run_during, sentinel_topology
 from quart import Quart
 
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedSentinelGroup
 from kvstore.settings import Settings
+from tests.topologies import (
+    JSON_HEADERS,
+    Traffic,
+    remove_prefix,
+    run_during,
+    sentinel_topology,
+)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import asyncio
 
 import pytest
-from conftest import RedisTopology, cluster_topology
 from quart import Quart
 from redis import exceptions as redis_errors
 from redis.crc import key_slot
@@ -21,6 +20,7 @@ from kvstore.store import (
     slot_tags,
     translate_error,
 )
+from tests.topologies import RedisTopology, cluster_topology
 
 EXPECTED_STORE = {
     "standalone": RedisStore,
@@ -32,7 +32,7 @@ EXPECTED_STORE = {
 async def test_serving_opens_the_store_of_the_topology(
     app: Quart, redis_topology: RedisTopology
 ) -> None:
-    store = app.extensions["kvstore.holder"].store
+    store = app.extensions["kvstore.holder"].store.inner
 
     await store.ping()
 
@@ -148,7 +148,7 @@ async def test_service_starts_while_redis_is_down_and_finds_it_later(
     async with app.test_app():
         client = app.test_client()
         before = await client.get("/readyz")
-        store = app.extensions["kvstore.holder"].store
+        store = app.extensions["kvstore.holder"].store.inner
         await asyncio.to_thread(server.start)
         try:
             after = await client.get("/readyz")
