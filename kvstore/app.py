@@ -20,7 +20,10 @@ from hypercorn.typing import (
 from quart import Quart
 
 from kvstore import __version__, api, openapi, probes
+from kvstore.auth import install_auth
+from kvstore.cors import install_cors
 from kvstore.errors import register_error_handlers
+from kvstore.limits import HeadChecks
 from kvstore.logs import log_access, request_id_var
 from kvstore.metrics import install_metrics
 from kvstore.settings import Settings
@@ -48,7 +51,8 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     otherwise ``open_store`` opens the one the settings describe (a single
     server, a cluster found behind ``redis_url``, or sentinels) when serving
     starts. Raises ``ValueError`` if neither a store, a Redis URL nor
-    sentinels are given.
+    sentinels are given, and ``SettingsError`` if the API tokens cannot be
+    read.
     """
     settings = settings or Settings.from_env()
     if store is None and settings.redis_url is None and not settings.redis_sentinels:
@@ -59,7 +63,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         # A streamed read of millions of keys may take longer than any fixed
         # response timeout; each Redis call within it has its own deadline.
         RESPONSE_TIMEOUT=None,
-        BODY_TIMEOUT=30,
+        # A client that sends its body too slowly gets a 408 instead of holding
+        # a connection and a request task for as long as it likes.
+        BODY_TIMEOUT=settings.body_timeout,
     )
     app.url_map.merge_slashes = False
     app.url_map.converters["key"] = api.KeyConverter
@@ -92,9 +98,12 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     register_error_handlers(app, settings.retry_after)
     app.register_blueprint(openapi.create_blueprint(settings))
     metrics = install_metrics(app, settings, holder)
+    install_auth(app, settings)
+    install_cors(app, settings)
     app.extensions["kvstore.holder"] = holder
+    checked = HeadChecks(app.asgi_app, settings.max_header_bytes)
     middleware = RequestMiddleware(
-        app.asgi_app, route_templates(app), [metrics.observe_request]
+        checked, route_templates(app), [metrics.observe_request]
     )
     app.extensions["kvstore.observers"] = middleware.observers
     app.asgi_app = middleware  # type: ignore[method-assign]

@@ -31,18 +31,23 @@ from quart import Quart
 
 from kvstore import __version__
 from kvstore.app import create_app
+from kvstore.auth import load_tokens
 from kvstore.embedded import EmbeddedRedis, EmbeddedRedisError
 from kvstore.logs import configure_logging
 from kvstore.metrics import clear_exchange_dir
 from kvstore.settings import Settings, SettingsError
+from kvstore.store import connection_options
 
 log = logging.getLogger(__name__)
 
 # The factory each server (and each worker process) imports the app from.
 APPLICATION = "kvstore.cli:worker_app"
 BACKLOG = 1024
-# The most bytes of request line and headers a client may send.
-MAX_HEADER_BYTES = 16 * 1024
+# Seconds an idle connection, or one still sending its request head, is kept.
+KEEP_ALIVE_TIMEOUT = 5.0
+# What the server may buffer of a request head beyond KVSTORE_MAX_HEADER_BYTES:
+# the request line and the line ends, which the app does not count.
+HEAD_SLACK_BYTES = 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +67,10 @@ def serve() -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
     try:
         settings = Settings.from_env()
+        # Read the token and password files and load the TLS files once here,
+        # so a mistake in them stops the start with one clear line.
+        load_tokens(settings)
+        connection_options(settings)
     except SettingsError as exc:
         sys.stderr.write(f"kvstore: {exc}\n")
         return 2
@@ -124,7 +133,14 @@ def hypercorn_config(settings: Settings) -> Config:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.backlog = BACKLOG
-    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    # Hypercorn drops a connection that sends no complete request head within
+    # this many seconds of going idle, so a client dribbling its headers
+    # cannot hold a connection open; slow bodies meet KVSTORE_BODY_TIMEOUT.
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # A head Hypercorn must buffer past this is refused with 431; the app
+    # checks complete heads against KVSTORE_MAX_HEADER_BYTES exactly.
+    config.h11_max_incomplete_size = settings.max_header_bytes + HEAD_SLACK_BYTES
+    config.h2_max_header_list_size = settings.max_header_bytes + HEAD_SLACK_BYTES
     return config
 
 
@@ -170,7 +186,8 @@ def _run_uvicorn(settings: Settings, address: dict[str, Any]) -> None:
         access_log=False,
         backlog=BACKLOG,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=math.ceil(KEEP_ALIVE_TIMEOUT),
+        h11_max_incomplete_event_size=settings.max_header_bytes + HEAD_SLACK_BYTES,
     )
 
 

@@ -37,6 +37,20 @@ class BadRequestError(ProblemError):
     """Malformed JSON, a bad key, filter or ``expire_in``, an empty body."""
 
 
+class UnauthorizedError(ProblemError):
+    """No valid bearer token; ``headers`` carry the ``WWW-Authenticate`` challenge."""
+
+    status = 401
+    title = "Unauthorized"
+
+
+class ForbiddenError(ProblemError):
+    """A valid token whose role does not allow the request (a read-only write)."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class NotFoundError(ProblemError):
     """The key does not exist (or has expired)."""
 
@@ -58,11 +72,9 @@ class UnsupportedMediaTypeError(ProblemError):
     title = "Unsupported Media Type"
 
 
-def problem(
-    status: int, title: str, detail: str, headers: dict[str, str] | None = None
-) -> Response:
-    """Build a problem+json response."""
-    body = orjson.dumps(
+def problem_body(status: int, title: str, detail: str) -> bytes:
+    """The JSON body of a problem, for code that answers below Quart."""
+    return orjson.dumps(
         {
             "type": "about:blank",
             "title": title,
@@ -70,6 +82,13 @@ def problem(
             "detail": detail,
         }
     )
+
+
+def problem(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> Response:
+    """Build a problem+json response."""
+    body = problem_body(status, title, detail)
     response = Response(body, status=status, content_type=PROBLEM_JSON)
     if headers:
         response.headers.update(headers)

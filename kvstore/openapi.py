@@ -18,15 +18,32 @@ from quart import Blueprint, Response
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from kvstore import __version__
+from kvstore.auth import READ_METHODS, open_paths
 from kvstore.errors import PROBLEM_JSON, problem_schema
 from kvstore.settings import Settings
 
 _JSON = "application/json"
 
+# Regular expression classes (ECMA-262, as JSON Schema uses) for key text.
+_NO_CONTROL = "[^\\u0000-\\u001f\\u007f]"
+_NO_CONTROL_OR_WILDCARD = "[^\\u0000-\\u001f\\u007f$]"
+
 
 def build_openapi(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI document for a service running with ``settings``."""
+    """The OpenAPI document for a service running with ``settings``.
+
+    With API tokens configured it declares the bearer scheme, marks the
+    operations that need a token and adds their 401 and 403 answers.
+    """
     any_value: dict[str, Any] = {"description": "Any JSON value."}
+    # JSON Schema counts characters, the service UTF-8 bytes: the schema's
+    # length limit is the byte limit, which any longer key surely breaks.
+    key_schema = {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": settings.max_key_bytes,
+        "pattern": f"^{_NO_CONTROL}+$",
+    }
     pairs = {
         "type": "object",
         "additionalProperties": any_value,
@@ -40,7 +57,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             f"The key: 1 to {settings.max_key_bytes} UTF-8 bytes, percent-encoded; "
             "may contain '/'; no control characters."
         ),
-        "schema": {"type": "string", "minLength": 1},
+        "schema": key_schema,
     }
     expire_parameter = {
         "name": "expire_in",
@@ -61,7 +78,15 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "too), every other character only itself. At most "
             f"{settings.max_filter_wildcards} runs of '$'."
         ),
-        "schema": {"type": "string", "minLength": 1},
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": settings.max_key_bytes,
+            "pattern": (
+                f"^(?:{_NO_CONTROL_OR_WILDCARD}*\\$+)"
+                f"{{0,{settings.max_filter_wildcards}}}{_NO_CONTROL_OR_WILDCARD}*$"
+            ),
+        },
     }
     expires_header = {
         "Expires-In": {
@@ -85,18 +110,27 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         return response
 
     def with_problems(responses: dict[str, Any], *statuses: int) -> dict[str, Any]:
-        for status in (*statuses, 405, 503):
+        for status in (*statuses, 405, 431, 503):
             responses[str(status)] = {"$ref": f"#/components/responses/{status}"}
         return responses
 
     key_body = {"required": True, "content": {_JSON: {"schema": any_value}}}
+    pairs_to_store = {
+        **pairs,
+        "minProperties": 1,
+        "maxProperties": settings.max_pairs,
+    }
     pair_body = {
-        "required": False,
+        # The query form (no body, pairs as name=value query parameters, all
+        # string values) cannot be stated beside a body in OpenAPI; it is
+        # described here and in the README.
+        "required": True,
         "description": (
-            "A JSON object of pairs. With an empty body, the pairs come from the "
-            "query string as string values instead."
+            "A JSON object of pairs; each key as for /keys/{id}. Alternatively "
+            "send no body and give the pairs as name=value query parameters, "
+            "stored as string values."
         ),
-        "content": {_JSON: {"schema": pairs}},
+        "content": {_JSON: {"schema": pairs_to_store}},
     }
     single = {"type": "object", "minProperties": 1, "maxProperties": 1}
     deleted = {
@@ -115,6 +149,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 (400, "A bad request."),
                 (404, "Not found."),
                 (405, "Method not allowed."),
+                (431, "The request head is too large."),
                 (503, "Redis is unavailable."),
             )
         }
@@ -148,7 +183,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                 "parameters": [expire_parameter],
                 "requestBody": pair_body,
                 "responses": with_problems(
-                    {"200": ok("All pairs stored.", stored)}, 400, 413, 415
+                    {"200": ok("All pairs stored.", stored)}, 400, 408, 413, 415
                 ),
             },
             "delete": {
@@ -198,6 +233,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
                         },
                     },
                     400,
+                    408,
                     413,
                     415,
                 ),
@@ -258,8 +294,10 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         400: "Bad request: malformed JSON, a bad key, filter or expire_in.",
         404: "No such key (or it expired).",
         405: "Method not allowed; see the Allow header.",
+        408: "The body did not arrive within KVSTORE_BODY_TIMEOUT seconds.",
         413: "The body, a value or the number of pairs is over its limit.",
         415: "A body was sent without a JSON content type.",
+        431: "The request target and headers are over KVSTORE_MAX_HEADER_BYTES.",
         503: "Redis is unreachable or too slow; see Retry-After.",
     }
     responses = {
@@ -272,7 +310,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         }
         for status, description in problems.items()
     }
-    return {
+    document = {
         "openapi": "3.0.3",
         "info": {
             "title": "kvstore",
@@ -285,6 +323,62 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
             "responses": responses,
         },
     }
+    if settings.tokens_configured():
+        _add_security(document, settings)
+    return document
+
+
+def _add_security(document: dict[str, Any], settings: Settings) -> None:
+    """Describe the bearer tokens: who needs one, and the 401 and 403 answers."""
+    components = document["components"]
+    components["securitySchemes"] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": (
+                "A token from KVSTORE_API_TOKENS or KVSTORE_API_TOKENS_FILE. "
+                "Read-only (ro) tokens may GET and HEAD; read-write (rw) tokens "
+                "may also PUT and DELETE."
+            ),
+        }
+    }
+    challenge = {
+        "WWW-Authenticate": {
+            "description": "The bearer challenge, with the error when one applies.",
+            "schema": {"type": "string"},
+        }
+    }
+    problems = {
+        "401": "No token, or one that is not valid; see WWW-Authenticate.",
+        "403": "A read-only token was used to write.",
+    }
+    for status, description in problems.items():
+        components["responses"][status] = {
+            "description": description,
+            "headers": {**_request_id_header(), **challenge},
+            "content": {
+                PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
+            },
+        }
+    document["security"] = [{"bearer": []}]
+    public = open_paths(settings)
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if method not in _OPERATIONS:
+                continue
+            if path in public:
+                operation["security"] = []
+                continue
+            responses = operation["responses"]
+            if method == "head":
+                responses["401"] = {"description": problems["401"]}
+            else:
+                responses["401"] = {"$ref": "#/components/responses/401"}
+            if method.upper() not in READ_METHODS:
+                responses["403"] = {"$ref": "#/components/responses/403"}
+
+
+_OPERATIONS = frozenset({"get", "head", "put", "post", "delete", "patch"})
 
 
 def _request_id_header() -> dict[str, Any]:

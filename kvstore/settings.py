@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
@@ -55,6 +56,10 @@ def _parse_optional_path(text: str) -> Path | None:
     return Path(text).expanduser() if text else None
 
 
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 PARSERS: dict[Any, Callable[[str], Any]] = {
     int: _parse_int,
     float: _parse_float,
@@ -63,6 +68,7 @@ PARSERS: dict[Any, Callable[[str], Any]] = {
     str | None: _parse_optional_str,
     Path: _parse_path,
     Path | None: _parse_optional_path,
+    tuple[str, ...]: _parse_list,
 }
 
 
@@ -90,6 +96,7 @@ class Settings:
     max_value_bytes: int = 1024 * 1024
     max_body_bytes: int = 8 * 1024 * 1024
     max_pairs: int = 10_000
+    max_header_bytes: int = 16 * 1024
     max_expire_in: int = 10 * 365 * 24 * 3600
     max_filter_wildcards: int = 8
     redis_max_connections: int = 64
@@ -105,8 +112,25 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = True
     shutdown_timeout: float = 10.0
+    body_timeout: float = 30.0
     metrics_bind: str | None = None
     metrics_dir: Path | None = None
+    # Access control and transport security; see kvstore/auth.py, kvstore/cors.py
+    # and ``connection_options`` in kvstore/store.py. Secrets stay out of repr().
+    api_tokens: str | None = dataclasses.field(default=None, repr=False)
+    api_tokens_file: Path | None = None
+    auth_probes: bool = False
+    auth_metrics: bool = True
+    auth_docs: bool = False
+    cors_origins: tuple[str, ...] = ()
+    cors_max_age: int = 600
+    redis_username: str | None = None
+    redis_password: str | None = dataclasses.field(default=None, repr=False)
+    redis_password_file: Path | None = None
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
+    redis_tls_verify_hostname: bool = True
 
     def __post_init__(self) -> None:
         positive = (
@@ -115,6 +139,7 @@ class Settings:
             "max_value_bytes",
             "max_body_bytes",
             "max_pairs",
+            "max_header_bytes",
             "max_expire_in",
             "max_filter_wildcards",
             "redis_max_connections",
@@ -124,7 +149,12 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be at least 1")
-        for name in ("redis_connect_timeout", "redis_timeout", "shutdown_timeout"):
+        for name in (
+            "redis_connect_timeout",
+            "redis_timeout",
+            "shutdown_timeout",
+            "body_timeout",
+        ):
             if getattr(self, name) <= 0:
                 _fail(name, getattr(self, name), "must be above zero")
         if self.redis_retries < 0:
@@ -160,6 +190,52 @@ class Settings:
         if self.metrics_dir is not None and len(str(self.metrics_dir)) > 80:
             # Workers listen on unix sockets inside it, whose paths are short.
             _fail("metrics_dir", str(self.metrics_dir), "must be at most 80 characters")
+        self._check_security()
+
+    def _check_security(self) -> None:
+        if self.cors_max_age < 0:
+            _fail("cors_max_age", self.cors_max_age, "must not be negative")
+        for origin in self.cors_origins:
+            reason = _origin_problem(origin, len(self.cors_origins))
+            if reason:
+                _fail("cors_origins", ",".join(self.cors_origins), reason)
+        credentials = ("redis_username", "redis_password", "redis_password_file")
+        if self.redis_url is None:
+            for name in credentials:
+                if getattr(self, name) is not None:
+                    _fail_unshown(
+                        name, "needs KVSTORE_REDIS_URL: the embedded Redis has no users"
+                    )
+        if self.redis_password is not None and self.redis_password_file is not None:
+            _fail_unshown(
+                "redis_password_file", "set it or KVSTORE_REDIS_PASSWORD, not both"
+            )
+        in_url = urlsplit(self.redis_url or "")
+        if in_url.username and self.redis_username is not None:
+            _fail_unshown("redis_username", "the Redis URL names a user already")
+        if in_url.password and (
+            self.redis_password is not None or self.redis_password_file is not None
+        ):
+            _fail_unshown("redis_password", "the Redis URL has a password already")
+        tls = ("redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file")
+        secure_url = (self.redis_url or "").lower().startswith("rediss://")
+        for name in tls:
+            if getattr(self, name) is not None and not secure_url:
+                _fail(
+                    name,
+                    str(getattr(self, name)),
+                    "needs a rediss:// KVSTORE_REDIS_URL",
+                )
+        if self.redis_tls_key_file is not None and self.redis_tls_cert_file is None:
+            _fail(
+                "redis_tls_key_file",
+                str(self.redis_tls_key_file),
+                "needs KVSTORE_REDIS_TLS_CERT_FILE too",
+            )
+
+    def tokens_configured(self) -> bool:
+        """True when API tokens are set, so every request must bring one."""
+        return bool(self.api_tokens) or self.api_tokens_file is not None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -210,6 +286,12 @@ class Settings:
             None if self.metrics_dir is None else str(self.metrics_dir)
         )
         shown["redis_url"] = mask_url(self.redis_url)
+        for name in ("api_tokens", "redis_password"):
+            shown[name] = None if shown[name] is None else "***"
+        for name, value in shown.items():
+            if isinstance(value, Path):
+                shown[name] = str(value)
+        shown["cors_origins"] = list(self.cors_origins)
         return shown
 
 
@@ -249,3 +331,22 @@ def _check_metrics_bind(metrics_bind: str, bind: str) -> None:
 
 def _fail(name: str, value: object, reason: str) -> None:
     raise SettingsError(f"{env_name(name)}={value!r}: {reason}")
+
+
+def _fail_unshown(name: str, reason: str) -> None:
+    """Like ``_fail``, for settings whose value may be a secret."""
+    raise SettingsError(f"{env_name(name)}: {reason}")
+
+
+def _origin_problem(origin: str, count: int) -> str | None:
+    """Why ``origin`` cannot be a CORS origin, or None when it can."""
+    if origin == "*":
+        return None if count == 1 else "'*' must be the only origin"
+    scheme, separator, host = origin.partition("://")
+    if scheme not in ("http", "https") or not separator:
+        return f"{origin!r} is not an origin: expected http(s)://HOST[:PORT]"
+    if not host or any(char in host for char in "/?#@ ") or host.endswith(":"):
+        return f"{origin!r} is not an origin: expected http(s)://HOST[:PORT], no path"
+    if origin != origin.lower():
+        return f"{origin!r}: write origins in lower case, as browsers send them"
+    return None

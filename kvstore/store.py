@@ -21,9 +21,11 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import ssl
 import uuid
 from array import array
 from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -37,7 +39,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from kvstore.keys import escape_glob
-from kvstore.settings import Settings, SettingsError
+from kvstore.settings import Settings, SettingsError, env_name
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +268,10 @@ class RedisStore:
 
     @classmethod
     def from_settings(cls, settings: Settings, url: str) -> "RedisStore":
-        """Create the store and its pool; nothing connects until first use."""
+        """Create the store and its pool; nothing connects until first use.
+
+        Raises ``SettingsError`` as ``connection_options`` does.
+        """
         retry = Retry(
             ExponentialWithJitterBackoff(base=0.01, cap=0.25),
             settings.redis_retries,
@@ -276,8 +281,15 @@ class RedisStore:
             url,
             max_connections=settings.redis_max_connections,
             timeout=None,
+            # No per-operation socket timeout: the call's deadline is the only
+            # clock. redis-py's own one (5 s unless set) wraps each send in
+            # asyncio.wait_for, which on Python 3.11 can swallow the
+            # deadline's cancellation when it lands as the send completes;
+            # the call then waits out the socket timeout instead.
+            socket_timeout=None,
             socket_connect_timeout=settings.redis_connect_timeout,
             retry=retry,
+            **connection_options(settings),
         )
         client = Redis.from_pool(pool)
         return cls(client, settings)
@@ -451,6 +463,103 @@ class RedisStore:
         else:
             log.warning("redis lost")
         self.reachable = reachable
+
+
+def connection_options(settings: Settings) -> dict[str, Any]:
+    """Credentials and TLS options for the Redis connections of ``settings``.
+
+    Keyword arguments for any redis-py connection or pool, whatever the
+    topology. The user and password come from ``KVSTORE_REDIS_USERNAME``,
+    ``KVSTORE_REDIS_PASSWORD`` or the first line of
+    ``KVSTORE_REDIS_PASSWORD_FILE``; credentials in the URL are read by
+    redis-py itself (settings refuse one given both ways). For a ``rediss://`` URL
+    the server certificate is always verified, against the system's CAs and
+    ``KVSTORE_REDIS_TLS_CA_FILE``, and its host name too unless
+    ``KVSTORE_REDIS_TLS_VERIFY_HOSTNAME`` is false. The TLS files are loaded
+    once here, so a wrong path or a key that does not fit its certificate
+    stops the start instead of failing every connection. Raises
+    ``SettingsError``; no message contains the password.
+    """
+    options: dict[str, Any] = {}
+    if settings.redis_username is not None:
+        options["username"] = settings.redis_username
+    password = settings.redis_password
+    if settings.redis_password_file is not None:
+        password = _read_password(settings.redis_password_file)
+    if password is not None:
+        options["password"] = password
+    if not (settings.redis_url or "").lower().startswith("rediss://"):
+        return options
+    tls: dict[str, Any] = {
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": settings.redis_tls_verify_hostname,
+    }
+    if settings.redis_tls_ca_file is not None:
+        tls["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+    if settings.redis_tls_cert_file is not None:
+        tls["ssl_certfile"] = str(settings.redis_tls_cert_file)
+    if settings.redis_tls_key_file is not None:
+        tls["ssl_keyfile"] = str(settings.redis_tls_key_file)
+    _check_tls_files(settings)
+    return {**options, **tls}
+
+
+def _read_password(path: Path) -> str:
+    source = f"{env_name('redis_password_file')}={str(path)!r}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"{source}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{source}: not UTF-8 text") from None
+    # The first line, without its line break: files written by editors and
+    # by ``echo`` end with one that is not part of the password.
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise SettingsError(f"{source}: the file is empty")
+    return password
+
+
+def _check_tls_files(settings: Settings) -> None:
+    context = ssl.create_default_context()
+    ca_file = settings.redis_tls_ca_file
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(
+                f"{env_name('redis_tls_ca_file')}={str(ca_file)!r}: "
+                f"cannot load it: {_reason(exc)}"
+            ) from None
+    cert_file = settings.redis_tls_cert_file
+    if cert_file is not None:
+        key_file = settings.redis_tls_key_file
+        try:
+            context.load_cert_chain(
+                str(cert_file),
+                None if key_file is None else str(key_file),
+                password=_refuse_passphrase,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingsError(
+                f"{env_name('redis_tls_cert_file')}={str(cert_file)!r}, "
+                f"{env_name('redis_tls_key_file')}="
+                f"{None if key_file is None else str(key_file)!r}: "
+                f"cannot load the certificate and key: {_reason(exc)} "
+                "(the key must be an unencrypted PEM file that fits the certificate)"
+            ) from None
+
+
+def _refuse_passphrase() -> bytes:
+    # Without this callback OpenSSL would prompt on the terminal for the
+    # passphrase of an encrypted key; an empty one makes it fail instead.
+    return b""
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return exc.strerror or str(exc)
 
 
 class _Guard:
@@ -722,9 +831,10 @@ class SentinelStore(RedisStore):
     ) -> "SentinelStore":
         """Create the store; nothing connects until first use.
 
-        The sentinels come from ``redis_sentinels``; the password, user name
-        and database of ``redis_url``, when it is set, are used for the data
-        servers.
+        The sentinels come from ``redis_sentinels``. The data servers get the
+        user name, password, database and TLS of ``redis_url`` when it is
+        set, and the credentials and TLS files of the settings
+        (``connection_options``). Raises ``SettingsError`` as that does.
         """
         if settings.redis_sentinel_service is None:
             raise ValueError("KVSTORE_REDIS_SENTINEL_SERVICE is not set")
@@ -744,7 +854,8 @@ class SentinelStore(RedisStore):
             retry=_retry(settings),
             socket_connect_timeout=timeouts["socket_connect_timeout"],
             socket_timeout=timeouts["socket_timeout"],
-            **_credentials(settings.redis_url),
+            **_from_url(settings.redis_url),
+            **connection_options(settings),
         )
         return cls(client, settings, sentinel)
 
@@ -853,6 +964,7 @@ class ClusterStore(RedisStore):
         """
         client = RedisCluster.from_url(
             url,
+            **connection_options(settings),
             max_connections=settings.redis_max_connections,
             socket_connect_timeout=settings.redis_connect_timeout,
             # The call's deadline bounds every read; a socket timeout as well
@@ -1215,16 +1327,22 @@ def _retry(settings: Settings) -> Retry:
     )
 
 
-def _credentials(url: str | None) -> dict[str, Any]:
-    """User name, password and database of a Redis URL, for servers found otherwise."""
+def _from_url(url: str | None) -> dict[str, Any]:
+    """What a Redis URL says beyond the address: credentials, database, TLS.
+
+    For servers found otherwise, such as the primary that sentinels name.
+    """
     if url is None:
         return {}
     options = parse_url(url)
-    return {
+    chosen = {
         name: options[name]
         for name in ("username", "password", "db")
         if options.get(name) is not None
     }
+    if url.lower().startswith("rediss://"):
+        chosen["ssl"] = True
+    return chosen
 
 
 class PendingStore:
@@ -1312,7 +1430,11 @@ async def is_cluster_node(settings: Settings, url: str) -> bool:
 
     Raises ``StoreError`` when it cannot be asked within ``redis_timeout``.
     """
-    client = Redis.from_url(url, socket_connect_timeout=settings.redis_connect_timeout)
+    client = Redis.from_url(
+        url,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        **connection_options(settings),
+    )
     try:
         async with asyncio.timeout(settings.redis_timeout):
             info = await client.info("cluster")
