@@ -18,11 +18,11 @@ import orjson
 import pytest
 import redis
 from quart import Quart
-from services import report, running, start_redis
 
 from kvstore.app import create_app
 from kvstore.settings import Settings
 from kvstore.store import RedisStore
+from tests.services import report, running, start_redis
 
 KEYS = 500
 

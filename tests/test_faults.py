@@ -19,12 +19,12 @@ import orjson
 import pytest
 import redis
 from quart import Quart
-from services import Service, Traffic, report, running, start_redis
 
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis
 from kvstore.settings import Settings
 from kvstore.store import RedisStore, StoreTimeoutError
+from tests.services import Service, Traffic, report, running, start_redis
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
-from services import report, start_redis
 
 from kvstore.app import create_app
 from kvstore.settings import Settings
+from tests.services import report, start_redis
 
 KEY_COUNT = 100_000
 KEY_BYTES = 1000

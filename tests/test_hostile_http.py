@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import h11
 import pytest
 import redis
-from services import Service, raw_exchange, running
 
 from kvstore.cli import KEEP_ALIVE_TIMEOUT
+from tests.services import Service, raw_exchange, running
 
 BODY_TIMEOUT = 1.0
 

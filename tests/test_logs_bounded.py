@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import orjson
 import redis
-from services import raw_exchange, running, start_redis
+
+from tests.services import raw_exchange, running, start_redis
 
 SECRET_KEY = "key-" + uuid.uuid4().hex
 SECRET_VALUE = "value-" + uuid.uuid4().hex

@@ -16,10 +16,10 @@ import pytest
 import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
-from services import Service, running
 
 from kvstore.openapi import build_openapi
 from kvstore.settings import Settings
+from tests.services import Service, running
 
 DESCRIPTION = build_openapi(Settings())
 
