@@ -27,7 +27,7 @@ from kvstore.limits import HeadChecks
 from kvstore.logs import log_access, request_id_var
 from kvstore.metrics import install_metrics
 from kvstore.settings import Settings
-from kvstore.store import RedisStore, Store, StoreError
+from kvstore.store import Store, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,15 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
 
     ``settings`` default to ``Settings.from_env()``. ``store`` is for tests
     and embedding: when given it is used as is and not closed by the app;
-    otherwise a ``RedisStore`` on ``settings.redis_url`` is opened when serving
-    starts. Raises ``ValueError`` if neither a store nor a Redis URL is given,
-    and ``SettingsError`` if the API tokens cannot be read.
+    otherwise ``open_store`` opens the one the settings describe (a single
+    server, a cluster found behind ``redis_url``, or sentinels) when serving
+    starts. Raises ``ValueError`` if neither a store, a Redis URL nor
+    sentinels are given, and ``SettingsError`` if the API tokens cannot be
+    read.
     """
     settings = settings or Settings.from_env()
-    if store is None and settings.redis_url is None:
+    if store is None and settings.redis_url is None and not settings.redis_sentinels:
         raise ValueError("KVSTORE_REDIS_URL is not set and no store was given")
-    redis_url = settings.redis_url or ""
     app = Quart("kvstore", static_folder=None)
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -73,9 +74,9 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
         holder.store = store
 
     @app.before_serving
-    async def open_store() -> None:
+    async def setup_store() -> None:
         if store is None:
-            holder.store = RedisStore.from_settings(settings, redis_url)
+            holder.store = await open_store(settings)
         log.info(
             "kvstore %s serving", __version__, extra={"settings": settings.public()}
         )

@@ -1,14 +1,14 @@
 """The command line: ``kvstore serve``.
 
-``serve`` reads the settings, starts an embedded Redis when
-``KVSTORE_REDIS_URL`` is unset, and runs the app with uvloop on Hypercorn, or
-on uvicorn (with httptools) when ``KVSTORE_SERVER=uvicorn``. With
-``KVSTORE_WORKERS=1`` the app runs in this process; with more, the server
-starts that many worker processes sharing the listening socket, and each
-builds its app from the same environment. Both servers get the same bind
-address, workers, logging, request limits and graceful shutdown. Workers
-exchange their metrics through ``KVSTORE_METRICS_DIR``, a private temporary
-directory unless set.
+``serve`` reads the settings, starts an embedded Redis when neither
+``KVSTORE_REDIS_URL`` nor ``KVSTORE_REDIS_SENTINELS`` is set, and runs the app
+with uvloop on Hypercorn, or on uvicorn (with httptools) when
+``KVSTORE_SERVER=uvicorn``. With ``KVSTORE_WORKERS=1`` the app runs in this
+process; with more, the server starts that many worker processes sharing the
+listening socket, and each builds its app from the same environment. Both
+servers get the same bind address, workers, logging, request limits and
+graceful shutdown. Workers exchange their metrics through
+``KVSTORE_METRICS_DIR``, a private temporary directory unless set.
 """
 
 import argparse
@@ -84,7 +84,7 @@ def serve() -> int:
         )
         return 2
     embedded: EmbeddedRedis | None = None
-    if settings.redis_url is None:
+    if settings.redis_url is None and settings.redis_sentinels is None:
         try:
             embedded = EmbeddedRedis(settings.data_dir)
             url = embedded.start()

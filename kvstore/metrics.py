@@ -513,8 +513,12 @@ class WorkerExchange:
         try:
             async with asyncio.timeout(PEER_TIMEOUT):
                 reader, writer = await asyncio.open_unix_connection(str(path))
-                data = await reader.read()
-                writer.close()
+                try:
+                    data = await reader.read()
+                finally:
+                    # Also when the worker does not answer in time, or the
+                    # socket is left for the garbage collector to warn about.
+                    writer.close()
         except (ConnectionRefusedError, FileNotFoundError):
             _remove(path)
             return None

@@ -78,6 +78,12 @@ class Settings:
 
     Field ``name`` is read from ``KVSTORE_NAME``. ``redis_url`` left unset means
     "start an embedded Redis server" when serving from the command line.
+
+    ``redis_sentinels`` (``host:port,host:port``) with ``redis_sentinel_service``
+    makes the service follow the primary those sentinels name; ``redis_url``
+    then only contributes credentials and the database number, if given.
+    ``redis_wait_replicas`` above zero makes every write wait (Redis ``WAIT``)
+    until that many replicas hold it, within ``redis_timeout``.
     """
 
     bind: str = "127.0.0.1:5000"
@@ -97,6 +103,9 @@ class Settings:
     redis_connect_timeout: float = 2.0
     redis_timeout: float = 2.0
     redis_retries: int = 2
+    redis_sentinels: str | None = None
+    redis_sentinel_service: str | None = None
+    redis_wait_replicas: int = 0
     scan_batch: int = 1000
     retry_after: int = 1
     log_format: str = "json"
@@ -150,6 +159,17 @@ class Settings:
                 _fail(name, getattr(self, name), "must be above zero")
         if self.redis_retries < 0:
             _fail("redis_retries", self.redis_retries, "must not be negative")
+        if self.redis_wait_replicas < 0:
+            _fail(
+                "redis_wait_replicas", self.redis_wait_replicas, "must not be negative"
+            )
+        if (self.redis_sentinels is None) != (self.redis_sentinel_service is None):
+            _fail(
+                "redis_sentinels",
+                self.redis_sentinels,
+                "must be set together with KVSTORE_REDIS_SENTINEL_SERVICE",
+            )
+        self.sentinel_addresses()
         if self.server not in SERVERS:
             _fail("server", self.server, f"must be one of {SERVERS}")
         if self.log_format not in LOG_FORMATS:
@@ -239,6 +259,22 @@ class Settings:
             except ValueError as exc:
                 raise SettingsError(f"{variable}={text!r}: {exc}") from None
         return cls(**values)
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The ``(host, port)`` pairs of ``redis_sentinels``; empty when unset.
+
+        Raises ``SettingsError`` for an entry that is not ``host:port``.
+        """
+        if self.redis_sentinels is None:
+            return []
+        addresses: list[tuple[str, int]] = []
+        for entry in self.redis_sentinels.split(","):
+            host, _, port = entry.strip().rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                _fail("redis_sentinels", self.redis_sentinels, "expected host:port,...")
+            addresses.append((host, int(port)))
+        return addresses
 
     def public(self) -> dict[str, Any]:
         """The settings as plain values, with credentials in URLs masked."""

@@ -1,14 +1,20 @@
-"""Shared fixtures: a real Redis server, settings, the app and its client.
+"""Shared fixtures: real Redis deployments, settings, the app and its client.
 
-The suite starts its own Redis server (with the same code as the embedded
-mode of ``kvstore serve``) unless ``KVSTORE_TEST_REDIS_URL`` names one. Tests
-never flush a database: each test gets its own key prefix and its keys are
-removed afterwards.
+Every test that runs the service (through ``app``, ``client``, ``live`` or
+several ``kvstore serve`` processes) runs once per Redis topology: a
+standalone server, a three-primary Redis Cluster and a Sentinel-managed
+primary (test ids ``standalone``, ``cluster`` and ``sentinel``; choose with
+``-k``). Other tests that need Redis, such as those of ``RedisStore`` itself,
+run on the standalone server only. The suite starts each deployment itself,
+once per session, on free ports in temporary directories (the standalone
+server with the same code as the embedded mode of ``kvstore serve``) unless
+``KVSTORE_TEST_REDIS_URL`` names a standalone server; without a
+``redis-server`` binary the cluster and sentinel runs skip. Tests never flush
+a database: each test gets its own key prefix and its keys are removed
+afterwards, on every primary.
 """
 
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,16 +26,45 @@ from quart import Quart
 from quart.typing import TestClientProtocol as QuartClient
 
 from kvstore.app import create_app
-from kvstore.embedded import EmbeddedRedis, free_port
+from kvstore.embedded import (
+    EmbeddedCluster,
+    EmbeddedRedis,
+    EmbeddedSentinelGroup,
+    find_redis_server,
+)
 from kvstore.settings import Settings
-from tests.helpers import wait_until_healthy
+from tests.topologies import (
+    TOPOLOGIES,
+    RedisTopology,
+    cluster_topology,
+    remove_prefix,
+    sentinel_topology,
+    serve_process,
+)
 
 LIVE_PREFIX = f"kvlive:{uuid.uuid4().hex[:12]}:"
+
+# Fixtures that run the service: a test that uses one runs on every topology.
+SERVICE_FIXTURES = frozenset({"app", "live_url", "replica_urls"})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run service tests on every topology, other Redis tests on standalone."""
+    if "redis_topology" not in metafunc.fixturenames:
+        return
+    every = SERVICE_FIXTURES.intersection(metafunc.fixturenames)
+    names = TOPOLOGIES if every else ("standalone",)
+    metafunc.parametrize("redis_topology", names, indirect=True, scope="session")
+
+
+def _need_redis_server() -> None:
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary: install Redis to test this topology")
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of the Redis server the tests use."""
+    """The URL of the standalone Redis server the tests use."""
     url = os.environ.get("KVSTORE_TEST_REDIS_URL")
     if url:
         yield url
@@ -41,10 +76,48 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedCluster]:
+    """A local Redis Cluster: three primaries with one replica each."""
+    _need_redis_server()
+    cluster = EmbeddedCluster(tmp_path_factory.mktemp("cluster"), replicas=1)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedSentinelGroup]:
+    """A primary, one replica and three sentinels watching them."""
+    _need_redis_server()
+    group = EmbeddedSentinelGroup(tmp_path_factory.mktemp("sentinel"))
+    group.start()
+    yield group
+    group.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_topology(request: pytest.FixtureRequest) -> RedisTopology:
+    """The Redis deployment of this run of the test (see the module notes)."""
+    name: str = request.param
+    if name == "cluster":
+        return cluster_topology(request.getfixturevalue("redis_cluster"))
+    if name == "sentinel":
+        return sentinel_topology(request.getfixturevalue("redis_sentinels"))
+    url: str = request.getfixturevalue("redis_url")
+    return RedisTopology(
+        "standalone", {"KVSTORE_REDIS_URL": url}, lambda: redis.Redis.from_url(url)
+    )
+
+
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A plain synchronous client on the test server, to look behind the API."""
-    client: redis.Redis = redis.Redis.from_url(redis_url)
+def redis_client(redis_topology: RedisTopology) -> Iterator[redis.Redis]:
+    """A synchronous client of the topology under test, to look behind the API."""
+    client = redis_topology.client()
     yield client
     client.close()
 
@@ -54,19 +127,16 @@ def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
     """A prefix no other test uses; its keys are removed after the test."""
     prefix = f"kvtest:{uuid.uuid4().hex[:12]}:"
     yield prefix
-    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
-    for start in range(0, len(keys), 1000):
-        redis_client.unlink(*keys[start : start + 1000])
+    remove_prefix(redis_client, prefix)
 
 
 @pytest.fixture
-def settings(redis_url: str, key_prefix: str, tmp_path: Path) -> Settings:
-    """Settings for one test, on the test Redis and the test's own prefix."""
-    return Settings(
-        redis_url=redis_url,
-        key_prefix=key_prefix,
-        data_dir=tmp_path,
-        log_format="json",
+def settings(
+    redis_topology: RedisTopology, key_prefix: str, tmp_path: Path
+) -> Settings:
+    """Settings for one test, on the topology under test and the test's prefix."""
+    return redis_topology.settings(
+        key_prefix=key_prefix, data_dir=tmp_path, log_format="json"
     )
 
 
@@ -87,7 +157,7 @@ def client(app: Quart) -> QuartClient:
 @pytest.fixture(scope="session", params=["hypercorn", "uvicorn"])
 def live_url(
     request: pytest.FixtureRequest,
-    redis_url: str,
+    redis_topology: RedisTopology,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     """A real ``kvstore serve`` process on a free port, on each server.
@@ -95,33 +165,14 @@ def live_url(
     For what only a real server shows: percent-decoding of raw paths, HEAD
     lengths, streaming. Its keys live under a prefix of their own.
     """
-    port = free_port()
     log_path = tmp_path_factory.mktemp("live") / "kvstore.log"
-    environ = {
-        **os.environ,
-        "KVSTORE_REDIS_URL": redis_url,
-        "KVSTORE_BIND": f"127.0.0.1:{port}",
-        "KVSTORE_KEY_PREFIX": LIVE_PREFIX,
-        "KVSTORE_SERVER": request.param,
-    }
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "serve"],
-            env=environ,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_healthy(url, process)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=15)
-    with redis.Redis.from_url(redis_url) as client:
-        keys = list(client.scan_iter(match=f"{LIVE_PREFIX}*"))
-        if keys:
-            client.unlink(*keys)
+    with serve_process(redis_topology, LIVE_PREFIX, log_path, request.param) as url:
+        yield url
+    client = redis_topology.client()
+    try:
+        remove_prefix(client, LIVE_PREFIX)
+    finally:
+        client.close()
 
 
 @pytest.fixture
