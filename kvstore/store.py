@@ -1429,7 +1429,9 @@ class PendingStore:
 async def is_cluster_node(settings: Settings, url: str) -> bool:
     """Whether the server at ``url`` runs in cluster mode (``INFO cluster``).
 
-    Raises ``StoreError`` when it cannot be asked within ``redis_timeout``.
+    A Redis user not allowed to run INFO is taken to be on a single server,
+    with a warning: grant it ``+info`` to have a cluster detected. Raises
+    ``StoreError`` when the server cannot be asked within ``redis_timeout``.
     """
     client = Redis.from_url(
         url,
@@ -1439,6 +1441,9 @@ async def is_cluster_node(settings: Settings, url: str) -> bool:
     try:
         async with asyncio.timeout(settings.redis_timeout):
             info = await client.info("cluster")
+    except redis_errors.NoPermissionError:
+        log.warning("the Redis user may not run INFO; taking it for a single server")
+        return False
     except (TimeoutError, redis_errors.RedisError) as exc:
         raise (translate_error(exc) or StoreError("Redis failed")) from exc
     finally:
