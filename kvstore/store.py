@@ -1428,7 +1428,10 @@ class PendingStore:
 async def is_cluster_node(settings: Settings, url: str) -> bool:
     """Whether the server at ``url`` runs in cluster mode (``INFO cluster``).
 
-    Raises ``StoreError`` when it cannot be asked within ``redis_timeout``.
+    Raises ``StoreError`` when it cannot be asked within ``redis_timeout``. A
+    server that refuses ``INFO`` (an ACL user without it, a renamed command)
+    is taken for a single server, with a warning: cluster support needs the
+    command.
     """
     client = Redis.from_url(
         url,
@@ -1439,7 +1442,15 @@ async def is_cluster_node(settings: Settings, url: str) -> bool:
         async with asyncio.timeout(settings.redis_timeout):
             info = await client.info("cluster")
     except (TimeoutError, redis_errors.RedisError) as exc:
-        raise (translate_error(exc) or StoreError("Redis failed")) from exc
+        error = translate_error(exc) or StoreError("Redis failed")
+        if isinstance(error, StoreUnavailableError | StoreTimeoutError):
+            raise error from exc
+        log.warning(
+            "redis refused INFO (%s); serving it as a single server, "
+            "not a cluster node",
+            type(exc).__name__,
+        )
+        return False
     finally:
         await client.aclose()
     return bool(int(info.get("cluster_enabled", 0)))

@@ -100,7 +100,7 @@ async def test_cancelled_requests_leave_the_pool_empty_and_replies_matched(
             completed.append((number, *answer))
 
     async with app.test_app():
-        store = app.extensions["kvstore.holder"].store
+        store = app.extensions["kvstore.holder"].store.inner
         assert isinstance(store, RedisStore)
         for _ in range(20):
             tasks = []

@@ -119,7 +119,7 @@ async def test_stalled_redis_gives_503_within_deadline_and_frees_the_pool(
     try:
         async with app.test_app():
             client = app.test_client()
-            store = app.extensions["kvstore.holder"].store
+            store = app.extensions["kvstore.holder"].store.inner
             assert isinstance(store, RedisStore)
             await client.put("/keys/k", data=b'"v"', headers=JSON)
             peak = PoolPeak(store)
