@@ -3,19 +3,21 @@
 Written out rather than derived from the routes: the API's rules (any JSON
 value, problem+json errors, ``Expires-In``, limits taken from the settings)
 are richer than route signatures can say. It is served at ``/openapi.json``
-and rendered at ``/docs`` by the Swagger UI files that ``swagger-ui-bundle``
+and rendered at ``/docs`` by the Swagger UI files that ``swagger-ui-py``
 ships, so the page works offline.
 
-The document is OpenAPI 3.0.3, which that Swagger UI reads and which every
-common tool accepts. quart-schema was the other candidate; it wraps every
-response conversion of the app, which costs the hot path for nothing here.
+The document is OpenAPI 3.1, whose JSON Schema can state the key rules for
+the keys of a bulk body too (``propertyNames``). quart-schema was the other
+candidate; it wraps every response conversion of the app, which costs the hot
+path for nothing here.
 """
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import orjson
 from quart import Blueprint, Response
-from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 
 from kvstore import __version__
 from kvstore.auth import READ_METHODS, open_paths
@@ -117,6 +119,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
     key_body = {"required": True, "content": {_JSON: {"schema": any_value}}}
     pairs_to_store = {
         **pairs,
+        "propertyNames": key_schema,
         "minProperties": 1,
         "maxProperties": settings.max_pairs,
     }
@@ -311,7 +314,7 @@ def build_openapi(settings: Settings) -> dict[str, Any]:
         for status, description in problems.items()
     }
     document = {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "kvstore",
             "version": __version__,
@@ -390,13 +393,25 @@ def _request_id_header() -> dict[str, Any]:
     }
 
 
+def swagger_ui_static() -> str:
+    """The folder of Swagger UI's files that ``swagger-ui-py`` installs.
+
+    Found without importing the package, which would load its framework
+    integrations for nothing.
+    """
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed")
+    return str(Path(spec.submodule_search_locations[0]) / "static")
+
+
 def create_blueprint(settings: Settings) -> Blueprint:
     """Routes for ``/openapi.json``, ``/docs`` and the page's static files."""
     document = orjson.dumps(build_openapi(settings))
     blueprint = Blueprint(
         "docs",
         __name__,
-        static_folder=swagger_ui_path,
+        static_folder=swagger_ui_static(),
         static_url_path="/docs/static",
     )
 

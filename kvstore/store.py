@@ -99,6 +99,7 @@ _UNAVAILABLE_REPLIES = ("READONLY", "LOADING", "MASTERDOWN", "OOM", "BUSY", "TRY
 _UNAVAILABLE_ERRORS = (
     redis_errors.OutOfMemoryError,
     redis_errors.ReadOnlyError,
+    redis_errors.MasterDownError,
     redis_errors.ClusterError,
     redis_errors.SlotNotCoveredError,
     redis_errors.AskError,

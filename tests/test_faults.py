@@ -23,7 +23,7 @@ from quart import Quart
 from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis
 from kvstore.settings import Settings
-from kvstore.store import RedisStore, StoreTimeoutError
+from kvstore.store import RedisStore, Store, StoreTimeoutError
 from tests.services import Service, Traffic, report, running, start_redis
 
 pytestmark = pytest.mark.slow
@@ -119,8 +119,7 @@ async def test_stalled_redis_gives_503_within_deadline_and_frees_the_pool(
     try:
         async with app.test_app():
             client = app.test_client()
-            store = app.extensions["kvstore.holder"].store.inner
-            assert isinstance(store, RedisStore)
+            store = app.extensions["kvstore.holder"].store
             await client.put("/keys/k", data=b'"v"', headers=JSON)
             peak = PoolPeak(store)
             async with peak:
@@ -205,7 +204,7 @@ async def timed_requests(app: Quart, count: int) -> list[tuple[int, str | None, 
 class PoolPeak:
     """Samples a store's pool every few milliseconds; keeps the most in use."""
 
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.in_use = 0
         self.over_limit = False

@@ -52,7 +52,11 @@ def test_one_access_line_per_request_and_no_value_or_secret_logged(
     ]
     sent: dict[str, int] = {}
     with running(tmp_path / "kvstore.log", {"REDIS_URL": url}) as service:
-        with httpx.Client(base_url=service.url, timeout=30) as http:
+        # A fresh connection per request: the test pauses between requests,
+        # and a kept-alive connection the server closes meanwhile would turn
+        # into a transport error that says nothing about logging.
+        fresh = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=service.url, timeout=30, limits=fresh) as http:
             for method, target, body, expected in requests:
                 request_id = uuid.uuid4().hex
                 response = http.request(

@@ -1,5 +1,6 @@
 """Settings from ``KVSTORE_*`` variables."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,16 @@ def test_metrics_listener_needs_hypercorn() -> None:
         Settings.from_env(
             {"KVSTORE_SERVER": "uvicorn", "KVSTORE_METRICS_BIND": "127.0.0.1:9100"}
         )
+
+
+def test_readme_settings_table_lists_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Settings") : readme.index("## Running it")]
+
+    missing = [
+        env_name(field.name)
+        for field in dataclasses.fields(Settings)
+        if f"| `{env_name(field.name)}` |" not in table
+    ]
+
+    assert missing == []

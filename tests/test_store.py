@@ -162,6 +162,11 @@ async def test_deadline_raises_timeout_and_frees_the_connection(
         (redis_errors.TimeoutError("slow"), StoreTimeoutError),
         (TimeoutError(), StoreTimeoutError),
         (redis_errors.ReadOnlyError("READONLY replica"), StoreUnavailableError),
+        # redis-py strips the reply code from the classes it has for them.
+        (redis_errors.ReadOnlyError("You can't write"), StoreUnavailableError),
+        (redis_errors.OutOfMemoryError("used memory"), StoreUnavailableError),
+        (redis_errors.MasterDownError("Link is down"), StoreUnavailableError),
+        (redis_errors.TryAgainError("Multiple keys"), StoreUnavailableError),
         (redis_errors.ResponseError("OOM command not allowed"), StoreUnavailableError),
         (redis_errors.ResponseError("LOADING dataset"), StoreUnavailableError),
         (redis_errors.ResponseError("MASTERDOWN link"), StoreUnavailableError),
