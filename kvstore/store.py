@@ -1429,9 +1429,10 @@ class PendingStore:
 async def is_cluster_node(settings: Settings, url: str) -> bool:
     """Whether the server at ``url`` runs in cluster mode (``INFO cluster``).
 
-    A Redis user not allowed to run INFO is taken to be on a single server,
-    with a warning: grant it ``+info`` to have a cluster detected. Raises
-    ``StoreError`` when the server cannot be asked within ``redis_timeout``.
+    Raises ``StoreError`` when it cannot be asked within ``redis_timeout``. A
+    server that refuses ``INFO`` (an ACL user without it, a renamed command)
+    is taken for a single server, with a warning: cluster support needs the
+    command.
     """
     client = Redis.from_url(
         url,
@@ -1441,11 +1442,16 @@ async def is_cluster_node(settings: Settings, url: str) -> bool:
     try:
         async with asyncio.timeout(settings.redis_timeout):
             info = await client.info("cluster")
-    except redis_errors.NoPermissionError:
-        log.warning("the Redis user may not run INFO; taking it for a single server")
-        return False
     except (TimeoutError, redis_errors.RedisError) as exc:
-        raise (translate_error(exc) or StoreError("Redis failed")) from exc
+        error = translate_error(exc) or StoreError("Redis failed")
+        if isinstance(error, StoreUnavailableError | StoreTimeoutError):
+            raise error from exc
+        log.warning(
+            "redis refused INFO (%s); serving it as a single server, "
+            "not a cluster node",
+            type(exc).__name__,
+        )
+        return False
     finally:
         await client.aclose()
     return bool(int(info.get("cluster_enabled", 0)))
