@@ -318,9 +318,15 @@ def render_markdown(
         f"after {config['warmup']} s of warm-up, wrk -t1, {config['workers']} "
         "workers per HTTP target.",
         "",
-        "Redis round trip (median PING): "
+        "Redis round trip (median PING at rest): "
         + ", ".join(f"{k} {v:.3f} ms" for k, v in meta["round_trips_ms"].items())
-        + ".",
+        + "."
+        + (
+            f" The delay proxy held each chunk {meta['proxy_delay_ms']:.3f} ms "
+            "each way."
+            if meta.get("proxy_delay_ms") is not None
+            else ""
+        ),
         "",
         "Each figure is the median over rounds; `x ref` is the median of per-round "
         "ratios to the reference named above each table. CPU is user+system time "
@@ -384,7 +390,9 @@ def plot_concurrency(
         if points:
             absolute.plot(*zip(*points, strict=True), marker="o", label=target)
         shown = [(c, r) for c, r in ratios if r is not None]
-        if shown:
+        # redis-benchmark runs tens of times faster; on the same linear axis
+        # it would flatten the HTTP targets' lines.
+        if shown and target != REDIS_BENCHMARK:
             relative.plot(*zip(*shown, strict=True), marker="o", label=target)
     absolute.set(
         xscale="log",

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--delay-ms", type=float, default=0.5, help="proxy delay each way"
     )
+    parser.add_argument(
+        "--no-calibrate-delay",
+        dest="calibrate_delay",
+        action="store_false",
+        help="use --delay-ms as is, without trimming it for the proxy's overhead",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
         "--redis-requests",
@@ -344,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backlog=max(2048, 2 * most_connections),
         key_prefix=args.key_prefix,
         delay_ms=args.delay_ms,
+        calibrate_delay=args.calibrate_delay,
         log_dir=log_dir,
     )
     meta = build_meta(args, stamp, kvstore_path)
@@ -352,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def checkpoint(measurements: list[Measurement]) -> None:
         meta["duration_s"] = time.monotonic() - started
+        meta["proxy_delay_ms"] = suite.proxy_delay_ms
         write_results(output_dir, meta, scenarios, measurements)
 
     with Suite(config) as suite:
