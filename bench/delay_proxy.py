@@ -177,6 +177,13 @@ class DelayProxy:
         self.clients: set[_Side] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def close(self) -> None:
+        """Close every proxied connection, both sides."""
+        for client in list(self.clients):
+            for side in (client, client.peer):
+                if side is not None and side.transport is not None:
+                    side.transport.close()
+
     def accept(self) -> asyncio.Protocol:
         """Protocol factory for the listening server."""
         return _Side(self, accepted=True)
@@ -237,6 +244,7 @@ async def serve(
     )
     async with server:
         await stop.wait()
+        proxy.close()
 
 
 def reduce_timer_slack() -> None:

@@ -240,7 +240,8 @@ def percentile(ordered: Sequence[float], share: float) -> float:
     """The nearest-rank percentile `share` (0-100) of sorted values."""
     if not ordered:
         return 0.0
-    rank = max(1, math.ceil(share / 100 * len(ordered)))
+    # Rounding first keeps 99.9% of 1000 at rank 999, not 1000.
+    rank = max(1, math.ceil(round(share / 100 * len(ordered), 9)))
     return ordered[rank - 1]
 
 
