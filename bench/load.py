@@ -39,7 +39,13 @@ from redis import Redis
 
 from bench.dataset import BATCH, glob_for
 from bench.procs import raise_open_files_limit
-from bench.targets import KVSTORE, RedisServer, ServerSettings, start_server
+from bench.targets import (
+    KVSTORE,
+    RedisServer,
+    ServerSettings,
+    parse_kvstore_env,
+    start_server,
+)
 
 log = logging.getLogger("bench.load")
 
@@ -389,6 +395,13 @@ def render_summary(
     return "\n".join(lines) + "\n", passed
 
 
+def _kvstore_variable(text: str) -> tuple[str, str]:
+    try:
+        return parse_kvstore_env(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     parser = argparse.ArgumentParser(
@@ -402,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-requests", type=int, default=2_000_000)
     parser.add_argument("--keys", type=int, default=20, help="keys per client")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--kvstore-env",
+        type=_kvstore_variable,
+        action="append",
+        default=[],
+        metavar="KVSTORE_NAME=VALUE",
+        help="extra setting for the kvstore it starts; repeatable",
+    )
     parser.add_argument(
         "--log-dir",
         type=Path,
@@ -455,6 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             backlog=2048,
             log_dir=args.log_dir,
+            kvstore_env=tuple(args.kvstore_env),
         )
         server = start_server(KVSTORE, settings, "load")
         try:

@@ -35,7 +35,7 @@ from bench.scenarios import (
     select_scenarios,
 )
 from bench.suite import Measurement, Suite, SuiteConfig
-from bench.targets import BENCH_DIR, KVSTORE, locate_kvstore
+from bench.targets import BENCH_DIR, KVSTORE, locate_kvstore, parse_kvstore_env
 
 log = logging.getLogger("bench.run")
 
@@ -57,6 +57,13 @@ def _int_list(text: str) -> list[int]:
 
 def _word_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _kvstore_variable(text: str) -> tuple[str, str]:
+    try:
+        return parse_kvstore_env(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _target_list(text: str) -> list[str]:
@@ -95,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=int, help="seconds per load run (10)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per run (1)")
     parser.add_argument("--rounds", type=int, help="rounds per scenario (2)")
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="connections of the scenarios outside the sweep (64)",
+    )
     parser.add_argument(
         "--sweep",
         type=_int_list,
@@ -105,9 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=2.0, help="wrk's per-request timeout (s)"
     )
-    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument(
+        "--keys",
+        type=int,
+        default=10_000,
+        help="keys for single-key scenarios and the small bulk read (10000)",
+    )
     parser.add_argument("--large-keys", type=int, help="large bulk read (1000000)")
-    parser.add_argument("--delete-keys", type=int, default=100_000)
+    parser.add_argument(
+        "--delete-keys", type=int, default=100_000, help="keys of the bulk delete"
+    )
     parser.add_argument(
         "--delay-ms", type=float, default=0.5, help="proxy delay each way"
     )
@@ -117,7 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="use --delay-ms as is, without trimming it for the proxy's overhead",
     )
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes per HTTP target"
+    )
+    parser.add_argument(
+        "--kvstore-env",
+        type=_kvstore_variable,
+        action="append",
+        default=[],
+        metavar="KVSTORE_NAME=VALUE",
+        help="extra setting for kvstore, e.g. KVSTORE_SERVER=granian; repeatable",
+    )
     parser.add_argument(
         "--redis-requests",
         type=int,
@@ -134,9 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="timed bulk reads per target and round, small data set (5)",
     )
-    parser.add_argument("--key-prefix", default="kvstore:")
     parser.add_argument(
-        "--output-dir", type=Path, default=BENCH_DIR / "results", help="results"
+        "--key-prefix", default="kvstore:", help="Redis key prefix of every target"
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=BENCH_DIR / "results",
+        help="where latest.json, latest.md and concurrency.png go",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -352,6 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         delay_ms=args.delay_ms,
         calibrate_delay=args.calibrate_delay,
         log_dir=log_dir,
+        kvstore_env=tuple(args.kvstore_env),
     )
     meta = build_meta(args, stamp, kvstore_path)
     meta["open_files_limit"] = limit

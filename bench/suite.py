@@ -57,6 +57,7 @@ class SuiteConfig:
     delay_ms: float
     calibrate_delay: bool
     log_dir: Path
+    kvstore_env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -212,6 +213,7 @@ class Suite:
             workers=self.config.workers,
             backlog=self.config.backlog,
             log_dir=self.config.log_dir,
+            kvstore_env=self.config.kvstore_env,
         )
         label = "delayed" if delayed else "direct"
         server = start_server(name, settings, label)

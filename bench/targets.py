@@ -40,6 +40,9 @@ KVSTORE = "kvstore"
 QUART_BARE = "quart-bare"
 FLASK = "flask"
 HTTP_TARGETS = (KVSTORE, QUART_BARE, FLASK)
+MANAGED_VARIABLES = frozenset(
+    {"KVSTORE_BIND", "KVSTORE_WORKERS", "KVSTORE_REDIS_URL", "KVSTORE_KEY_PREFIX"}
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,22 @@ class ServerSettings:
     workers: int
     backlog: int
     log_dir: Path
+    # More KVSTORE_* settings for kvstore alone, such as another server.
+    kvstore_env: tuple[tuple[str, str], ...] = ()
+
+
+def parse_kvstore_env(text: str) -> tuple[str, str]:
+    """Read a ``KVSTORE_NAME=value`` command-line argument.
+
+    Raises ValueError for anything else, since kvstore reads only its own
+    variables and the suite sets the connection ones itself.
+    """
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("KVSTORE_"):
+        raise ValueError(f"expected KVSTORE_NAME=value, got {text!r}")
+    if name in MANAGED_VARIABLES:
+        raise ValueError(f"{name} is set by the benchmark itself")
+    return name, value
 
 
 @dataclass
@@ -109,6 +128,7 @@ def server_command(
         env["KVSTORE_LOG_FORMAT"] = "json"
         # Its default today; set so the benchmark keeps measuring with logs.
         env["KVSTORE_ACCESS_LOG"] = "true"
+        env.update(settings.kvstore_env)
         return [sys.executable, "-m", "kvstore", "serve"], env
     if name == QUART_BARE:
         argv = [
