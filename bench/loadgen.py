@@ -103,7 +103,9 @@ def parse_wrk_output(stdout: str) -> LoadResult:
         mean=micros["mean"] / 1000,
         max=micros["max"] / 1000,
     )
-    if completed == 0:
+    if completed == 0 or micros["max"] == 0:
+        # No latency was recorded: nothing completed, or every request took
+        # longer than the timeout (wrk keeps those out of its histogram).
         latency = Latency()
     return LoadResult(
         tool="wrk",

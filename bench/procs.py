@@ -178,6 +178,52 @@ class Child:
         self.stop()
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (not idle, not iowait).
+
+    Steal counts as busy: time the hypervisor gave to other machines is lost
+    to the benchmark just like time taken by other processes.
+    """
+    times = psutil.cpu_times()
+    return (
+        times.user
+        + times.nice
+        + times.system
+        + getattr(times, "irq", 0.0)
+        + getattr(times, "softirq", 0.0)
+        + getattr(times, "steal", 0.0)
+    )
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class OtherLoad:
+    """Measures how much CPU processes outside the benchmark took meanwhile.
+
+    The machine's busy time over an interval, less this process, its reaped
+    children (the load generators) and the servers' trees, is load the
+    benchmark did not cause: other people's work on a shared machine. Shown
+    next to each figure, it tells which figures to distrust.
+    """
+
+    def __init__(self) -> None:
+        self._wall = time.monotonic()
+        self._busy = machine_busy_seconds()
+        self._own = own_cpu_seconds()
+
+    def cores(self, accounted: float) -> float:
+        """Average cores used by others since creation; `accounted` is the
+        servers' CPU seconds over the same interval."""
+        wall = time.monotonic() - self._wall
+        busy = machine_busy_seconds() - self._busy
+        own = own_cpu_seconds() - self._own
+        return max(0.0, busy - own - accounted) / wall if wall > 0 else 0.0
+
+
 def wait_for_port(child: Child, port: int, timeout: float = 30.0) -> None:
     """Block until something accepts TCP connections on `port`.
 

@@ -27,6 +27,7 @@ MEDIAN_FIELDS = (
     "wall_ms",
     "peak_rss_mb",
     "base_rss_mb",
+    "other_cores",
 )
 RATIO_FIELDS = (
     "rps",
@@ -38,6 +39,8 @@ RATIO_FIELDS = (
     "peak_rss_mb",
 )
 HEADLINE_OTHERS = (QUART_BARE, FLASK, REDIS_BENCHMARK, FLOOR)
+# Above this many cores of outside load, a figure is flagged as disturbed.
+NOISY_CORES = 0.25
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -212,6 +215,7 @@ def _load_rows(targets: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
                 _number(s["backend_cpu_us_per_request"], 1),
                 _failures(s),
                 " + ".join(f"{size:.0f}" for size in s["rss_mb"]) or "-",
+                _number(s["other_cores"], 2),
             ]
         )
     return rows
@@ -230,6 +234,7 @@ LOAD_HEADER = (
     "Redis CPU µs/req",
     "4xx-5xx/socket/timeout",
     "RSS MB per process",
+    "other load",
 )
 BULK_HEADER = (
     "target",
@@ -331,7 +336,9 @@ def render_markdown(
         "Each figure is the median over rounds; `x ref` is the median of per-round "
         "ratios to the reference named above each table. CPU is user+system time "
         "of the server's process tree from /proc, divided by completed requests. "
-        "Failures: HTTP status ≥ 400 / socket errors / timeouts.",
+        "Failures: HTTP status ≥ 400 / socket errors / timeouts. Other load: CPU "
+        "cores busy with processes outside the benchmark during the run (median); "
+        f"figures taken while it was above {NOISY_CORES} are flagged.",
         "",
         *_headline(summaries),
     ]
@@ -346,6 +353,14 @@ def render_markdown(
         else:
             lines.extend(_table(BULK_HEADER, _bulk_rows(targets)))
         notes = [f"- {t}: {n}" for t, s in targets.items() for n in s["notes"]]
+        noisy = [
+            t for t, s in targets.items() if (s["other_cores"] or 0.0) > NOISY_CORES
+        ]
+        if noisy:
+            notes.append(
+                f"- other processes used over {NOISY_CORES} cores while measuring "
+                f"{', '.join(noisy)}: these figures are disturbed"
+            )
         capped = [t for t, s in targets.items() if s["capped"]]
         if capped:
             notes.append(f"- stopped at the request cap: {', '.join(capped)}")

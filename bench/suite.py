@@ -22,7 +22,14 @@ from redis import Redis
 
 from bench.dataset import Dataset, delete_matching, glob_for, read_matching
 from bench.loadgen import LoadResult, run_httpload, run_redis_benchmark, run_wrk
-from bench.procs import LOOPBACK, Child, PeakRssSampler, own_rss, tree_rss
+from bench.procs import (
+    LOOPBACK,
+    Child,
+    OtherLoad,
+    PeakRssSampler,
+    own_rss,
+    tree_rss,
+)
 from bench.scenarios import FLOOR, REDIS_BENCHMARK, Kind, Scenario
 from bench.targets import (
     DelayProxyServer,
@@ -86,6 +93,8 @@ class Measurement:
     peak_rss_mb: float | None = None
     base_rss_mb: float | None = None
     items: int | None = None
+    # CPU cores busy with work outside the benchmark during the run.
+    other_cores: float | None = None
     note: str = ""
 
 
@@ -220,6 +229,15 @@ class Suite:
         self._servers[key] = server
         return server
 
+    def _proxy_refusals(self) -> int:
+        return 0 if self.proxy is None else self.proxy.refusals()
+
+    def _note_refusals(self, measurement: Measurement, before: int) -> None:
+        refused = self._proxy_refusals() - before
+        if refused:
+            message = f"the delay proxy refused {refused} connections"
+            measurement.note = "; ".join(filter(None, [measurement.note, message]))
+
     def _backend(self, delayed: bool) -> list[Child]:
         children = [self.redis.child]
         if delayed and self.proxy is not None:
@@ -303,17 +321,22 @@ class Suite:
 
         if config.warmup > 0:
             load(config.warmup)
+        refused = self._proxy_refusals()
+        other = OtherLoad()
         cpu_before = server.child.cpu_seconds()
         backend_before = sum(child.cpu_seconds() for child in backend)
         result = load(config.duration)
         cpu = server.child.cpu_seconds() - cpu_before
         backend_cpu = sum(child.cpu_seconds() for child in backend) - backend_before
+        other_cores = other.cores(cpu + backend_cpu)
         server.child.check_alive()
 
         measurement = Measurement(
             scenario.name, target, round_index, connections=scenario.connections
         )
         self._load_figures(measurement, result, cpu, backend_cpu)
+        measurement.other_cores = round(other_cores, 2)
+        self._note_refusals(measurement, refused)
         measurement.rss_mb = _mebibytes(server.child.rss_bytes())
         return measurement
 
@@ -329,6 +352,8 @@ class Suite:
         if scenario.delayed:
             requests = max(1000, requests // 10)
 
+        refused = self._proxy_refusals()
+        other = OtherLoad()
         cpu_before = sum(child.cpu_seconds() for child in backend)
         result = run_redis_benchmark(
             port,
@@ -338,6 +363,7 @@ class Suite:
             keyspace=scenario.keys,
         )
         cpu = sum(child.cpu_seconds() for child in backend) - cpu_before
+        other_cores = other.cores(cpu)
 
         measurement = Measurement(
             scenario.name,
@@ -346,6 +372,8 @@ class Suite:
             connections=scenario.connections,
         )
         self._load_figures(measurement, result, cpu, cpu)
+        measurement.other_cores = round(other_cores, 2)
+        self._note_refusals(measurement, refused)
         measurement.rss_mb = _mebibytes(
             [size for child in backend for size in child.rss_bytes()]
         )

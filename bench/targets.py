@@ -22,6 +22,7 @@ from pathlib import Path
 
 from redis import Redis
 
+from bench.delay_proxy import REFUSAL_MESSAGE
 from bench.procs import (
     LOOPBACK,
     Child,
@@ -284,3 +285,11 @@ class DelayProxyServer:
     def stop(self) -> None:
         """Stop the proxy, closing every proxied connection."""
         self.child.stop()
+
+    def refusals(self) -> int:
+        """How many connections the proxy has refused so far."""
+        try:
+            text = self.child.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return text.count(REFUSAL_MESSAGE)

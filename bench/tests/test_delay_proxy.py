@@ -5,8 +5,11 @@ its millisecond timer resolution does not matter.
 """
 
 import asyncio
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -32,15 +35,24 @@ class Echo:
         await writer.wait_closed()
 
 
+@dataclass
+class Proxied:
+    proxy: DelayProxy
+    port: int
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.port)
+
+
 @pytest.fixture
-async def proxy_port() -> AsyncIterator[int]:
+async def proxied() -> AsyncIterator[Proxied]:
     loop = asyncio.get_running_loop()
     echo = Echo()
     upstream = await asyncio.start_server(echo.handle, "127.0.0.1", 0)
     upstream_port = upstream.sockets[0].getsockname()[1]
     proxy = DelayProxy(loop, ("127.0.0.1", upstream_port), DELAY)
     server = await loop.create_server(proxy.accept, "127.0.0.1", 0)
-    yield server.sockets[0].getsockname()[1]
+    yield Proxied(proxy, server.sockets[0].getsockname()[1])
     proxy.close()
     for writer in echo.writers:
         writer.close()
@@ -52,8 +64,8 @@ async def proxy_port() -> AsyncIterator[int]:
     await upstream.wait_closed()
 
 
-async def test_round_trip_takes_twice_the_delay(proxy_port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+async def test_round_trip_takes_twice_the_delay(proxied: Proxied) -> None:
+    reader, writer = await proxied.connect()
 
     started = time.perf_counter()
     writer.write(b"ping")
@@ -66,8 +78,8 @@ async def test_round_trip_takes_twice_the_delay(proxy_port: int) -> None:
     await writer.wait_closed()
 
 
-async def test_many_chunks_arrive_in_order(proxy_port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+async def test_many_chunks_arrive_in_order(proxied: Proxied) -> None:
+    reader, writer = await proxied.connect()
     chunks = [f"{n:06d};".encode() for n in range(2000)]
 
     for chunk in chunks:
@@ -81,8 +93,8 @@ async def test_many_chunks_arrive_in_order(proxy_port: int) -> None:
     await writer.wait_closed()
 
 
-async def test_large_payload_survives_backpressure(proxy_port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+async def test_large_payload_survives_backpressure(proxied: Proxied) -> None:
+    reader, writer = await proxied.connect()
     payload = bytes(range(256)) * 40_000
 
     writer.write(payload)
@@ -93,8 +105,8 @@ async def test_large_payload_survives_backpressure(proxy_port: int) -> None:
     await writer.wait_closed()
 
 
-async def test_half_close_reaches_the_upstream(proxy_port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port)
+async def test_half_close_reaches_the_upstream(proxied: Proxied) -> None:
+    reader, writer = await proxied.connect()
 
     writer.write(b"last words")
     writer.write_eof()
@@ -103,3 +115,20 @@ async def test_half_close_reaches_the_upstream(proxy_port: int) -> None:
     assert received == b"last words"
     writer.close()
     await writer.wait_closed()
+
+
+async def test_reset_connections_are_released(proxied: Proxied) -> None:
+    for _ in range(20):
+        reader, writer = await proxied.connect()
+        writer.write(b"x" * 1000)
+        await reader.readexactly(1000)
+        # A zero linger time makes close() send a reset instead of a FIN.
+        linger = struct.pack("ii", 1, 0)
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, linger
+        )
+        writer.close()
+
+    await asyncio.sleep(10 * DELAY)
+
+    assert proxied.proxy.clients == set()
