@@ -38,7 +38,7 @@ import aiohttp
 from redis import Redis
 
 from bench.dataset import BATCH, glob_for
-from bench.procs import raise_open_files_limit
+from bench.procs import exit_on_sigterm, raise_open_files_limit
 from bench.targets import (
     KVSTORE,
     RedisServer,
@@ -461,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
+    exit_on_sigterm()
     # Client sockets here, and the service's (it inherits the limit).
     raise_open_files_limit(4 * args.connections + 4096)
 

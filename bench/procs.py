@@ -49,6 +49,19 @@ def raise_open_files_limit(wanted: int) -> int:
     return soft
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so cleanup code stops the children.
+
+    The children run in sessions of their own and would outlive a runner
+    killed by the default SIGTERM action.
+    """
+
+    def handle(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handle)
+
+
 class ChildExitedError(RuntimeError):
     """A child process ended while the benchmark still needed it."""
 
@@ -179,20 +192,15 @@ class Child:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds all cores have spent busy since boot (not idle, not iowait).
+    """CPU seconds all cores have spent running processes since boot.
 
-    Steal counts as busy: time the hypervisor gave to other machines is lost
-    to the benchmark just like time taken by other processes.
+    Interrupt time is left out: loopback traffic is processed there and
+    charged to no process, so the benchmark's own requests would show up as
+    someone else's load. Steal counts: time the hypervisor gave to other
+    machines is lost to the benchmark like time taken by other processes.
     """
     times = psutil.cpu_times()
-    return (
-        times.user
-        + times.nice
-        + times.system
-        + getattr(times, "irq", 0.0)
-        + getattr(times, "softirq", 0.0)
-        + getattr(times, "steal", 0.0)
-    )
+    return times.user + times.nice + times.system + getattr(times, "steal", 0.0)
 
 
 def own_cpu_seconds() -> float:

@@ -24,7 +24,11 @@ from typing import Any
 
 from bench import report
 from bench.loadgen import LoadGeneratorError
-from bench.procs import ChildExitedError, raise_open_files_limit
+from bench.procs import (
+    ChildExitedError,
+    exit_on_sigterm,
+    raise_open_files_limit,
+)
 from bench.scenarios import (
     ALL_TARGETS,
     Kind,
@@ -363,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     scenarios = [s for s in chosen if any(t in targets for t in s.targets)]
     most_connections = max([s.connections for s in scenarios] or [0])
+    exit_on_sigterm()
     # Each client connection costs the server a descriptor, and the servers
     # inherit this limit; Redis pools and logs need some more.
     limit = raise_open_files_limit(4 * most_connections + 4096)
