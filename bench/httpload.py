@@ -219,11 +219,14 @@ class _Connection(asyncio.Protocol):
             self._closed.set_result(None)
 
 
-def build_requests(host: str, method: str, keys: int) -> list[bytes]:
-    """One prebuilt request per preloaded key."""
+def build_requests(
+    host: str, method: str, keys: int, token: str | None = None
+) -> list[bytes]:
+    """One prebuilt request per preloaded key, with a bearer token if given."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     requests: list[bytes] = []
     for number in range(keys):
-        line = f"{method} /keys/{key_id(number)} HTTP/1.1\r\nHost: {host}\r\n"
+        line = f"{method} /keys/{key_id(number)} HTTP/1.1\r\nHost: {host}\r\n{auth}"
         if method == "PUT":
             body = value_json(number + 1).encode()
             head = (
@@ -283,7 +286,7 @@ async def run(args: argparse.Namespace) -> str:
     parts = urlsplit(args.url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     method = args.method.upper()
-    requests = build_requests(f"{host}:{port}", method, args.keys)
+    requests = build_requests(f"{host}:{port}", method, args.keys, args.token)
     tally = Tally(timeout=args.timeout)
     driver = Driver(host, port, requests, method == "HEAD", tally, args.max_requests)
 
@@ -315,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--max-requests", type=int, default=0)
+    parser.add_argument("--token", help="bearer token sent with every request")
     args = parser.parse_args(argv)
 
     line = uvloop.run(run(args))

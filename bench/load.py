@@ -1,8 +1,9 @@
 """Load and consistency test: many connections, a mixed workload, then a check.
 
 ``python -m bench.load`` starts its own Redis and ``kvstore serve`` (two
-workers, access logs to a file), or targets a running service with ``--url``
-and ``--redis-url``. It keeps ``--connections`` (default 200) clients busy for
+workers, access logs to a file, API tokens and CORS on), or targets a running
+service with ``--url`` and ``--redis-url`` (and ``--token`` if it has API
+tokens). It keeps ``--connections`` (default 200) clients busy for
 ``--duration`` seconds (default 60) with single-key GET, HEAD, PUT and DELETE,
 bulk PUT with and without ``expire_in``, and wildcard GET, then:
 
@@ -43,6 +44,7 @@ from bench.targets import (
     KVSTORE,
     RedisServer,
     ServerSettings,
+    new_api_token,
     parse_kvstore_env,
     start_server,
 )
@@ -346,7 +348,12 @@ def remove_run_keys(redis: Redis, key_prefix: str, run_id: str) -> int:
 
 
 async def drive(
-    base_url: str, connections: int, duration: float, max_requests: int, keys: int
+    base_url: str,
+    connections: int,
+    duration: float,
+    max_requests: int,
+    keys: int,
+    token: str | None = None,
 ) -> tuple[list[Client], Stats, float, str]:
     """Run the workload; return the clients, the counts, the time and run id."""
     run_id = secrets.token_hex(4)
@@ -354,7 +361,10 @@ async def drive(
     budget = Budget(time.monotonic() + duration, max_requests)
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers
+    ) as session:
         clients = [
             Client(n, run_id, keys, session, base_url, budget, stats)
             for n in range(connections)
@@ -409,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", help="a running service; default: start one")
     parser.add_argument("--redis-url", help="its Redis (required with --url)")
+    parser.add_argument(
+        "--token", help="bearer token for a service started with API tokens"
+    )
     parser.add_argument("--key-prefix", default="kvstore:")
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--duration", type=float, default=60.0)
@@ -435,7 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_against(args: argparse.Namespace, url: str, redis_url: str) -> bool:
     """Drive the service at `url`, check against `redis_url`; True if passed."""
     clients, stats, elapsed, run_id = asyncio.run(
-        drive(url, args.connections, args.duration, args.max_requests, args.keys)
+        drive(
+            url,
+            args.connections,
+            args.duration,
+            args.max_requests,
+            args.keys,
+            args.token,
+        )
     )
     redis = Redis.from_url(redis_url)
     try:
@@ -468,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url is not None:
         return 0 if run_against(args, args.url.rstrip("/"), args.redis_url) else 1
 
+    # The service it starts has every feature on, API tokens included.
+    args.token = args.token or new_api_token()
     redis = RedisServer(args.log_dir)
     redis.start()
     try:
@@ -478,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backlog=2048,
             log_dir=args.log_dir,
             kvstore_env=tuple(args.kvstore_env),
+            api_token=args.token,
         )
         server = start_server(KVSTORE, settings, "load")
         try:

@@ -176,6 +176,7 @@ def run_httpload(
     duration: int,
     timeout: float,
     max_requests: int,
+    token: str | None = None,
 ) -> LoadResult:
     """Run `bench.httpload` (for HEAD, which wrk cannot drive) in a child.
 
@@ -200,6 +201,8 @@ def run_httpload(
         str(timeout),
         "--max-requests",
         str(max_requests),
+        # "=" keeps a token that starts with "-" from reading as an option.
+        *([f"--token={token}"] if token else []),
     ]
     completed = subprocess.run(  # noqa: S603
         argv,

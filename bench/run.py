@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KVSTORE_NAME=VALUE",
-        help="extra setting for kvstore, e.g. KVSTORE_SERVER=granian; repeatable",
+        help="extra setting for kvstore, e.g. KVSTORE_SERVER=uvicorn; repeatable",
     )
     parser.add_argument(
         "--redis-requests",

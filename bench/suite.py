@@ -36,6 +36,7 @@ from bench.targets import (
     HttpServer,
     RedisServer,
     ServerSettings,
+    new_api_token,
     start_server,
 )
 
@@ -129,6 +130,7 @@ class Suite:
         self._dataset: Dataset | None = None
         self.round_trips_ms: dict[str, float] = {}
         self.proxy_delay_ms: float | None = None
+        self.api_token = new_api_token()
 
     def __enter__(self) -> Self:
         self.redis.start()
@@ -223,6 +225,7 @@ class Suite:
             backlog=self.config.backlog,
             log_dir=self.config.log_dir,
             kvstore_env=self.config.kvstore_env,
+            api_token=self.api_token,
         )
         label = "delayed" if delayed else "direct"
         server = start_server(name, settings, label)
@@ -308,6 +311,7 @@ class Suite:
                     duration=duration,
                     timeout=config.timeout,
                     max_requests=config.max_requests,
+                    token=self.api_token,
                 )
             return run_wrk(
                 server.url,
@@ -316,7 +320,7 @@ class Suite:
                 duration=duration,
                 timeout=config.timeout,
                 max_requests=config.max_requests,
-                options=scenario.script_options,
+                options={**scenario.script_options, "token": self.api_token},
             )
 
         if config.warmup > 0:
@@ -391,7 +395,7 @@ class Suite:
         try:
             with PeakRssSampler(tree_rss([server.child])) as sampler:
                 started = time.perf_counter()
-                connection.request(method, path)
+                connection.request(method, path, headers=self._auth_headers())
                 response = connection.getresponse()
                 body = response.read()
                 elapsed = time.perf_counter() - started
@@ -412,6 +416,9 @@ class Suite:
             measurement.status_errors = 1
             measurement.note = f"HTTP {response.status}: {body[:200]!r}"
         return body
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_token}"}
 
     def _measure_http_read(
         self, scenario: Scenario, target: str, round_index: int

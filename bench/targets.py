@@ -15,6 +15,7 @@ to its own file under the run's log directory.
 
 import logging
 import os
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,8 +43,21 @@ QUART_BARE = "quart-bare"
 FLASK = "flask"
 HTTP_TARGETS = (KVSTORE, QUART_BARE, FLASK)
 MANAGED_VARIABLES = frozenset(
-    {"KVSTORE_BIND", "KVSTORE_WORKERS", "KVSTORE_REDIS_URL", "KVSTORE_KEY_PREFIX"}
+    {
+        "KVSTORE_BIND",
+        "KVSTORE_WORKERS",
+        "KVSTORE_REDIS_URL",
+        "KVSTORE_KEY_PREFIX",
+        "KVSTORE_API_TOKENS",
+    }
 )
+# An origin for kvstore's CORS support; no request of the suite sends it.
+CORS_ORIGIN = "https://app.example.com"
+
+
+def new_api_token() -> str:
+    """A random token in the form kvstore accepts (URL-safe base64)."""
+    return secrets.token_urlsafe(24)
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,8 @@ class ServerSettings:
     log_dir: Path
     # More KVSTORE_* settings for kvstore alone, such as another server.
     kvstore_env: tuple[tuple[str, str], ...] = ()
+    # kvstore's API token (role rw); clients send it to every target alike.
+    api_token: str | None = None
 
 
 def parse_kvstore_env(text: str) -> tuple[str, str]:
@@ -127,8 +143,12 @@ def server_command(
         env["KVSTORE_BIND"] = bind
         env["KVSTORE_WORKERS"] = str(settings.workers)
         env["KVSTORE_LOG_FORMAT"] = "json"
-        # Its default today; set so the benchmark keeps measuring with logs.
+        # Measure the service as deployed: access log, API tokens and CORS
+        # on (metrics are always on).
         env["KVSTORE_ACCESS_LOG"] = "true"
+        if settings.api_token is not None:
+            env["KVSTORE_API_TOKENS"] = f"rw:{settings.api_token}"
+        env["KVSTORE_CORS_ORIGINS"] = CORS_ORIGIN
         env.update(settings.kvstore_env)
         return [sys.executable, "-m", "kvstore", "serve"], env
     if name == QUART_BARE:

@@ -20,7 +20,7 @@ function init(args)
    if opts.expire_in > 0 then
       path = path .. "?expire_in=" .. opts.expire_in
    end
-   local headers = { ["Content-Type"] = "application/json" }
+   local headers = common.headers(opts, true)
    for b = 1, opts.bodies do
       local items = {}
       for p = 1, opts.pairs do

@@ -3,7 +3,8 @@
 -- Key ids and values match what bench/dataset.py preloads, so GETs hit real
 -- keys and PUTs overwrite values of the same shape. Script arguments are
 -- name=value pairs given after `--` on the wrk command line. done() prints a
--- single line "BENCH_RESULT {json}" that bench/loadgen.py parses.
+-- single line "BENCH_RESULT {json}" that bench/loadgen.py parses. Every
+-- script also takes token=... (see M.headers).
 
 local M = {}
 
@@ -21,6 +22,20 @@ end
 
 function M.value(n)
    return string.format('{"n":%d,"name":"item-%d","tags":["bench","kv"]}', n, n)
+end
+
+-- Headers for requests: Content-Type when there is a body, and a bearer
+-- token when the token=... argument is given (the suite turns kvstore's API
+-- tokens on). Each call returns a new table, since wrk.format adds to it.
+function M.headers(opts, with_body)
+   local headers = {}
+   if with_body then
+      headers["Content-Type"] = "application/json"
+   end
+   if opts.token ~= nil and opts.token ~= "" then
+      headers["Authorization"] = "Bearer " .. opts.token
+   end
+   return headers
 end
 
 -- Parse "name=value" arguments over `defaults`; numeric defaults make the

@@ -19,11 +19,12 @@ function init(args)
    local opts = common.options(
       args, { get = 80, put = 20, keys = 10000 }
    )
-   local headers = { ["Content-Type"] = "application/json" }
+   local read_headers = common.headers(opts, false)
+   local write_headers = common.headers(opts, true)
    for n = 0, opts.keys - 1 do
       local path = "/keys/" .. common.key_id(n)
-      gets[n + 1] = wrk.format("GET", path, {})
-      puts[n + 1] = wrk.format("PUT", path, headers, common.value(n + 7))
+      gets[n + 1] = wrk.format("GET", path, read_headers)
+      puts[n + 1] = wrk.format("PUT", path, write_headers, common.value(n + 7))
    end
    count = opts.keys
    get_below = opts.get

@@ -17,14 +17,15 @@ local count = 0
 
 function init(args)
    local opts = common.options(args, { method = "GET", keys = 10000 })
-   local headers = { ["Content-Type"] = "application/json" }
+   local with_body = opts.method == "PUT"
+   local headers = common.headers(opts, with_body)
    for n = 0, opts.keys - 1 do
       local path = "/keys/" .. common.key_id(n)
-      if opts.method == "PUT" then
-         prepared[n + 1] = wrk.format("PUT", path, headers, common.value(n + 1))
-      else
-         prepared[n + 1] = wrk.format(opts.method, path, {})
+      local body = nil
+      if with_body then
+         body = common.value(n + 1)
       end
+      prepared[n + 1] = wrk.format(opts.method, path, headers, body)
    end
    count = opts.keys
 end
