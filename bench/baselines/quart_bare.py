@@ -1,8 +1,9 @@
 """Benchmark baseline, not part of the product: the bare Quart + Redis stack.
 
 The least a Quart app on Hypercorn can do to serve kvstore's single-key
-routes: one redis.asyncio pool per worker, one Redis command per request, no
-logging, metrics or validation beyond parsing the body. It is the ceiling the
+routes: one redis.asyncio pool per worker (bounded as kvstore's is), one
+Redis command per request, no logging, metrics or validation beyond parsing
+the body. It is the ceiling the
 real service is measured against.
 
 Run it with ``hypercorn --workers 2 --worker-class uvloop
@@ -15,10 +16,13 @@ import json
 import os
 
 from quart import Quart, Response, request
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 REDIS_URL = os.environ.get("KVSTORE_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY_PREFIX = os.environ.get("KVSTORE_KEY_PREFIX", "kvstore:")
+# Bounded like kvstore's pool (same variable, same default): requests wait
+# for a free connection instead of opening one per concurrent request.
+MAX_CONNECTIONS = int(os.environ.get("KVSTORE_REDIS_MAX_CONNECTIONS", "64"))
 JSON_TYPE = "application/json"
 
 app = Quart(__name__)
@@ -40,7 +44,8 @@ def redis_client() -> Redis:
 @app.before_serving
 async def open_redis() -> None:
     """Create the pool; connections are opened lazily on the serving loop."""
-    _Backend.client = Redis.from_url(REDIS_URL)
+    pool = BlockingConnectionPool.from_url(REDIS_URL, max_connections=MAX_CONNECTIONS)
+    _Backend.client = Redis(connection_pool=pool)
 
 
 @app.after_serving
