@@ -7,6 +7,7 @@ line per request that reached the app, labelled with the route template,
 and none of the markers anywhere.
 """
 
+import time
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import httpx
 import orjson
 import redis
 
-from tests.services import raw_exchange, running, start_redis
+from tests.services import Service, raw_exchange, running, start_redis
 
 SECRET_KEY = "key-" + uuid.uuid4().hex
 SECRET_VALUE = "value-" + uuid.uuid4().hex
@@ -87,7 +88,7 @@ def test_one_access_line_per_request_and_no_value_or_secret_logged(
             down = http.get(f"/keys/{SECRET_KEY}", headers={"X-Request-ID": outage})
             assert down.status_code == 503
             sent[outage] = 503
-        log_text = service.log_text()
+        log_text = wait_for_lines(service, sent)
     redis_server.stop()
 
     records = [orjson.loads(line) for line in log_text.splitlines()]
@@ -105,3 +106,19 @@ def test_one_access_line_per_request_and_no_value_or_secret_logged(
     for marker in (SECRET_KEY, SECRET_VALUE, SECRET_TOKEN, PASSWORD):
         assert marker not in log_text
     assert SECRET_KEY[:10] not in log_text
+
+
+def wait_for_lines(service: Service, request_ids: dict[str, int]) -> str:
+    """The service's log once every request id has its access line.
+
+    A server writes the access line after the last byte of the response,
+    so a client can read the log a moment before the line is there.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        text = service.log_text()
+        if all(f'"request_id":"{rid}"' in text for rid in request_ids):
+            return text
+        if time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)

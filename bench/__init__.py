@@ -1,0 +1,1 @@
+"""Benchmark suite for kvstore: reference apps, load drivers and the runner."""

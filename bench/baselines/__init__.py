@@ -1,0 +1,1 @@
+"""Benchmark baselines: small reference apps, not part of the product."""

@@ -1,0 +1,1 @@
+"""Tests of the benchmark suite's own parts (run: pytest bench/tests)."""
