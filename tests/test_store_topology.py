@@ -1,8 +1,10 @@
 """Choosing the store by topology, and settings and errors that belong to it."""
 
 import asyncio
+import secrets
 
 import pytest
+import redis
 from quart import Quart
 from redis import exceptions as redis_errors
 from redis.crc import key_slot
@@ -17,6 +19,7 @@ from kvstore.store import (
     SentinelStore,
     StoreError,
     StoreUnavailableError,
+    open_store,
     slot_tags,
     translate_error,
 )
@@ -165,3 +168,37 @@ async def test_service_starts_while_redis_is_down_and_finds_it_later(
     assert after.status_code == 200
     assert stored.status_code == 201
     assert await read.get_json() == {"late": 1}
+
+
+async def test_a_server_that_refuses_info_is_served_as_a_single_one(
+    redis_url: str, redis_client: redis.Redis, key_prefix: str
+) -> None:
+    user = f"noinfo-{key_prefix.split(':')[1]}"
+    password = secrets.token_hex(16)
+    redis_client.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=[f"{key_prefix}*"],
+        commands=["+@all", "-info"],
+    )
+    settings = Settings(
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        redis_username=user,
+        redis_password=password,
+    )
+    try:
+        store = await open_store(settings)
+        try:
+            created = await store.put("k", b"1", None)
+            entry = await store.get("k")
+        finally:
+            await store.aclose()
+    finally:
+        redis_client.acl_deluser(user)
+
+    assert type(store) is RedisStore
+    assert created
+    assert entry is not None
+    assert entry.value == b"1"
