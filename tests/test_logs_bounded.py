@@ -97,6 +97,11 @@ def test_one_access_line_per_request_and_no_value_or_secret_logged(
         request_id: [r for r in access if r.get("request_id") == request_id]
         for request_id in sent
     }
+    # Hypercorn refuses an oversized head itself when it arrives in pieces,
+    # before the app sees a request to log; the app refuses it (and logs it)
+    # when it arrives whole. Either way it never gets two lines.
+    assert len(by_request.pop(oversized)) <= 1
+    del sent[oversized]
     for request_id, expected in sent.items():
         [line] = by_request[request_id]
         assert line["status"] == expected
