@@ -174,13 +174,16 @@ def _ignore_signal(number: int, frame: FrameType | None) -> None:
 def _run_uvicorn(settings: Settings, address: dict[str, Any]) -> None:
     import uvicorn
 
+    from kvstore.uvicorn_http import TimedHeadProtocol
+
     uvicorn.run(
         APPLICATION,
         factory=True,
         **address,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        # httptools, with a time limit on request heads that uvicorn lacks.
+        http=TimedHeadProtocol,
         lifespan="on",
         log_config=None,
         access_log=False,
