@@ -15,7 +15,6 @@ afterwards, on every primary.
 """
 
 import os
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,9 +30,9 @@ from kvstore.embedded import (
     EmbeddedCluster,
     EmbeddedRedis,
     EmbeddedSentinelGroup,
-    find_redis_server,
 )
 from kvstore.settings import Settings
+from tests.helpers import has_redis_7
 from tests.topologies import (
     TOPOLOGIES,
     RedisTopology,
@@ -66,18 +65,6 @@ def _need_redis_server() -> None:
             "no Redis 7 redis-server: install one (Debian: apt-get install "
             "redis-server) to test this topology"
         )
-
-
-def has_redis_7() -> bool:
-    """Whether the redis-server the tests would use is Redis 7 or newer."""
-    binary = find_redis_server()
-    if binary is None:
-        return False
-    result = subprocess.run(
-        [binary, "--version"], capture_output=True, timeout=10, check=False
-    )
-    version = result.stdout.decode().partition("v=")[2].split(".")[0]
-    return version.isdigit() and int(version) >= 7
 
 
 @pytest.fixture(scope="session")

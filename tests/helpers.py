@@ -9,6 +9,8 @@ import httpx
 import pytest
 from quart import Quart
 
+from kvstore.embedded import find_redis_server
+
 
 def wait_until_healthy(
     url: str, process: "subprocess.Popen[bytes]", timeout: float = 20.0
@@ -68,3 +70,24 @@ async def asgi_request(
     start = messages[0]
     body = b"".join(m.get("body", b"") for m in messages[1:])
     return start["status"], dict(start["headers"]), body
+
+
+def has_redis_7() -> bool:
+    """Whether the redis-server the tests would use is Redis 7 or newer."""
+    binary = find_redis_server()
+    if binary is None:
+        return False
+    result = subprocess.run(
+        [binary, "--version"], capture_output=True, timeout=10, check=False
+    )
+    version = result.stdout.decode().partition("v=")[2].split(".")[0]
+    return version.isdigit() and int(version) >= 7
+
+
+def need_redis_7() -> None:
+    """Skip the test unless the redis-server in use is Redis 7 or newer."""
+    if not has_redis_7():
+        pytest.skip(
+            "needs Redis 7's redis-server (DEBUG commands, clusters): "
+            "Debian: apt-get install redis-server"
+        )

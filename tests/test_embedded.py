@@ -64,7 +64,10 @@ def test_serve_without_redis_url_persists_data_across_restarts(
     assert first.returncode == second.returncode == 0
     assert "for local use only" in first_log
     assert "embedded redis stopped" in first_log
-    assert list(tmp_path.glob("appendonlydir/*.aof"))
+    # Redis 7 keeps its append-only files in a folder, Redis 6 in one file.
+    assert list(tmp_path.glob("appendonlydir/*.aof")) or list(
+        tmp_path.glob("appendonly.aof")
+    )
     assert "kvstore stopped" in second_log
 
 

@@ -24,6 +24,7 @@ from kvstore.app import create_app
 from kvstore.embedded import EmbeddedRedis
 from kvstore.settings import Settings
 from kvstore.store import RedisStore, Store, StoreTimeoutError
+from tests.helpers import need_redis_7
 from tests.services import Service, Traffic, report, running, start_redis
 
 pytestmark = pytest.mark.slow
@@ -104,6 +105,7 @@ async def test_redis_outage_answers_503_in_time_and_recovers_by_itself(
 async def test_stalled_redis_gives_503_within_deadline_and_frees_the_pool(
     tmp_path: Path, stall: str
 ) -> None:
+    need_redis_7()
     redis_server = start_redis(
         tmp_path / "redis", extra_args=("--enable-debug-command", "local")
     )

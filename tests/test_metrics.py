@@ -23,6 +23,7 @@ from kvstore.embedded import EmbeddedRedis, free_port
 from kvstore.metrics import LATENCY_BUCKETS
 from kvstore.settings import Settings
 from kvstore.store import ERROR_KINDS
+from tests.helpers import need_redis_7
 from tests.observability import families, parse_samples, value_of
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -291,6 +292,7 @@ async def test_unreachable_redis_is_counted_by_kind_and_reported_down(
 @pytest.fixture(scope="module")
 def lazy_expiry_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Redis server that removes expired keys only when they are touched."""
+    need_redis_7()
     server = EmbeddedRedis(
         tmp_path_factory.mktemp("lazy-redis"),
         persist=False,
