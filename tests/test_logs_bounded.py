@@ -52,44 +52,46 @@ def test_one_access_line_per_request_and_no_value_or_secret_logged(
         ("GET", "/readyz", None, 200),
     ]
     sent: dict[str, int] = {}
-    with running(tmp_path / "kvstore.log", {"REDIS_URL": url}) as service:
-        # A fresh connection per request: the test pauses between requests,
-        # and a kept-alive connection the server closes meanwhile would turn
-        # into a transport error that says nothing about logging.
-        fresh = httpx.Limits(max_keepalive_connections=0)
-        with httpx.Client(base_url=service.url, timeout=30, limits=fresh) as http:
-            for method, target, body, expected in requests:
-                request_id = uuid.uuid4().hex
-                response = http.request(
-                    method,
-                    target,
-                    content=body,
-                    headers={
-                        **(JSON_HEADERS if body else {}),
-                        "Authorization": f"Bearer {SECRET_TOKEN}",
-                        "X-Request-ID": request_id,
-                    },
-                )
-                assert (method, target[:40], response.status_code) == (
-                    method,
-                    target[:40],
-                    expected,
-                )
-                sent[request_id] = expected
-            oversized = uuid.uuid4().hex
-            head = (
-                f"GET /keys/{SECRET_KEY} HTTP/1.1\r\nHost: x\r\n"
-                f"X-Request-ID: {oversized}\r\nX-Pad: {SECRET_VALUE * 500}\r\n\r\n"
-            ).encode()
-            assert raw_exchange(service.port, head).startswith(b"HTTP/1.1 431")
-            sent[oversized] = 431
-            redis_server.kill()
-            outage = uuid.uuid4().hex
-            down = http.get(f"/keys/{SECRET_KEY}", headers={"X-Request-ID": outage})
-            assert down.status_code == 503
-            sent[outage] = 503
-        log_text = wait_for_lines(service, sent)
-    redis_server.stop()
+    try:
+        with running(tmp_path / "kvstore.log", {"REDIS_URL": url}) as service:
+            # A fresh connection per request: the test pauses between requests,
+            # and a kept-alive connection the server closes meanwhile would turn
+            # into a transport error that says nothing about logging.
+            fresh = httpx.Limits(max_keepalive_connections=0)
+            with httpx.Client(base_url=service.url, timeout=30, limits=fresh) as http:
+                for method, target, body, expected in requests:
+                    request_id = uuid.uuid4().hex
+                    response = http.request(
+                        method,
+                        target,
+                        content=body,
+                        headers={
+                            **(JSON_HEADERS if body else {}),
+                            "Authorization": f"Bearer {SECRET_TOKEN}",
+                            "X-Request-ID": request_id,
+                        },
+                    )
+                    assert (method, target[:40], response.status_code) == (
+                        method,
+                        target[:40],
+                        expected,
+                    )
+                    sent[request_id] = expected
+                oversized = uuid.uuid4().hex
+                head = (
+                    f"GET /keys/{SECRET_KEY} HTTP/1.1\r\nHost: x\r\n"
+                    f"X-Request-ID: {oversized}\r\nX-Pad: {SECRET_VALUE * 500}\r\n\r\n"
+                ).encode()
+                assert raw_exchange(service.port, head).startswith(b"HTTP/1.1 431")
+                sent[oversized] = 431
+                redis_server.kill()
+                outage = uuid.uuid4().hex
+                down = http.get(f"/keys/{SECRET_KEY}", headers={"X-Request-ID": outage})
+                assert down.status_code == 503
+                sent[outage] = 503
+            log_text = wait_for_lines(service, sent)
+    finally:
+        redis_server.stop()
 
     records = [orjson.loads(line) for line in log_text.splitlines()]
     access = [r for r in records if r["logger"] == "kvstore.access"]
