@@ -382,18 +382,20 @@ async def test_sigterm_finishes_in_flight_requests_then_stops_embedded_redis(
             )
             await asyncio.sleep(0.3)
             with redis.Redis(unix_socket_path=str(data_dir / "redis.sock")) as admin:
-                admin.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+                admin.execute_command("CLIENT", "PAUSE", "2500", "WRITE")
             held = asyncio.create_task(
                 http.put("/keys/held", content=b'"paused"', headers=JSON)
             )
+            held_done: list[float] = []
+            held.add_done_callback(lambda _: held_done.append(time.monotonic()))
             await asyncio.sleep(0.3)
             service.signal(signal.SIGTERM)
             signalled = time.monotonic()
             refused_at = await asyncio.to_thread(wait_until_refused, service.port)
             held_response = await held
-            held_at = time.monotonic()
+            [held_at] = held_done
             status, body, read_at = await reading
-        exit_code = await asyncio.to_thread(service.wait, 20.0)
+        exit_code = await asyncio.to_thread(service.wait, 30.0)
     finally:
         service.stop()
     records = service.log_records()
@@ -454,7 +456,7 @@ def read_slowly(port: int, target: str) -> tuple[int, bytes, float]:
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
-                time.sleep(0.004)
+                time.sleep(0.006)
                 connection.receive_data(client.recv(16 * 1024))
             elif isinstance(event, h11.Response):
                 status = event.status_code
@@ -467,13 +469,15 @@ def read_slowly(port: int, target: str) -> tuple[int, bytes, float]:
 
 
 def wait_until_refused(port: int, timeout: float = 5.0) -> float:
-    """Return when new connections to ``port`` are refused."""
+    """Return when new connections to ``port`` are refused or reset."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, ConnectionResetError):
+            # Reset: the listening socket closed with this connection still
+            # waiting in its queue.
             return time.monotonic()
         time.sleep(0.02)
     raise AssertionError(f"port {port} still accepts connections after {timeout} s")
