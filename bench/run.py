@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="connections of the scenarios outside the sweep (64)",
     )
     parser.add_argument(
+        "--delay-connections",
+        type=int,
+        default=256,
+        help="connections of the scenarios with a delay to Redis (256)",
+    )
+    parser.add_argument(
         "--sweep",
         type=_int_list,
         default=list(DEFAULT_SWEEP),
@@ -354,6 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = choose_targets(args.targets, kvstore_path)
     plan = Plan(
         connections=args.connections,
+        delay_connections=args.delay_connections,
         sweep=args.sweep,
         keys=args.keys,
         large_keys=args.large_keys,

@@ -55,6 +55,7 @@ class Plan:
     """The knobs that shape the scenario list."""
 
     connections: int
+    delay_connections: int
     sweep: Sequence[int]
     keys: int
     large_keys: int
@@ -190,12 +191,12 @@ def build_scenarios(plan: Plan) -> list[Scenario]:
     scenarios.extend(
         Scenario(
             f"delay_{method.lower()}",
-            f"{method} /keys/{{id}} with 1 ms to Redis, c{plan.connections}",
+            f"{method} /keys/{{id}} with 1 ms to Redis, c{plan.delay_connections}",
             Kind.LOAD,
             plan.keys,
             with_redis,
             single_refs,
-            connections=plan.connections,
+            connections=plan.delay_connections,
             delayed=True,
             script="single.lua",
             script_options={"method": method, **small},

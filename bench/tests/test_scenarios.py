@@ -12,6 +12,7 @@ from bench.scenarios import (
 
 PLAN = Plan(
     connections=64,
+    delay_connections=256,
     sweep=(1, 1024),
     keys=10_000,
     large_keys=1_000_000,
