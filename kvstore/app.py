@@ -21,7 +21,7 @@ from quart import Quart
 
 from kvstore import __version__, api, openapi, probes
 from kvstore.auth import install_auth
-from kvstore.cors import install_cors
+from kvstore.cors import with_cors
 from kvstore.errors import register_error_handlers
 from kvstore.limits import HeadChecks
 from kvstore.logs import log_access, request_id_var
@@ -99,11 +99,10 @@ def create_app(settings: Settings | None = None, store: Store | None = None) -> 
     app.register_blueprint(openapi.create_blueprint(settings))
     metrics = install_metrics(app, settings, holder)
     install_auth(app, settings)
-    install_cors(app, settings)
     app.extensions["kvstore.holder"] = holder
     checked = HeadChecks(app.asgi_app, settings.max_header_bytes)
     middleware = RequestMiddleware(
-        checked, route_templates(app), [metrics.observe_request]
+        with_cors(checked, settings), route_templates(app), [metrics.observe_request]
     )
     app.extensions["kvstore.observers"] = middleware.observers
     app.asgi_app = middleware  # type: ignore[method-assign]

@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 import redis
+from hypercorn.typing import ASGISendCallable, ASGISendEvent, Scope
 from quart import Quart
 from quart.typing import TestClientProtocol as QuartClient
 
 from kvstore.app import create_app
+from kvstore.cors import CorsMiddleware
 from kvstore.settings import Settings, SettingsError
 
 ALLOWED = "https://app.example"
@@ -149,6 +151,63 @@ async def test_with_tokens_preflights_pass_and_errors_are_readable(
     )
     assert allowed.status_code == 404
     assert allowed.headers["Access-Control-Allow-Origin"] == ALLOWED
+
+
+async def test_a_request_without_origin_only_learns_that_origin_matters(
+    settings: Settings,
+) -> None:
+    async with serving(settings, cors_origins=(ALLOWED,)) as client:
+        response = await client.get("/healthz")
+
+    assert response.headers.getlist("Vary") == ["Origin"]
+    assert not any(
+        name.lower().startswith("access-control-")
+        for name, _ in response.headers.items()
+    )
+
+
+async def test_refusals_made_before_routing_carry_cors_headers(
+    settings: Settings,
+) -> None:
+    limited = dataclasses.replace(settings, max_header_bytes=1024)
+
+    async with serving(limited, cors_origins=(ALLOWED,)) as client:
+        response = await client.get(
+            "/keys/k", headers={"Origin": ALLOWED, "X-Padding": "x" * 2048}
+        )
+
+    assert response.status_code == 431
+    assert response.headers["Access-Control-Allow-Origin"] == ALLOWED
+
+
+async def test_a_vary_header_of_the_app_is_extended() -> None:
+    sent: list[ASGISendEvent] = []
+
+    async def app(scope: Scope, receive: object, send: ASGISendCallable) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"vary", b"Accept-Encoding")],
+                "trailers": False,
+            }
+        )
+
+    async def record(message: ASGISendEvent) -> None:
+        sent.append(message)
+
+    middleware = CorsMiddleware(app, [ALLOWED], max_age=60)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "headers": [(b"origin", ALLOWED.encode())],
+    }
+    await middleware(scope, None, record)  # type: ignore[arg-type]
+
+    headers = sent[0]["headers"]  # type: ignore[typeddict-item]
+    assert [value for name, value in headers if name == b"vary"] == [
+        b"Accept-Encoding, Origin"
+    ]
 
 
 def test_origins_are_read_as_a_comma_separated_list() -> None:
