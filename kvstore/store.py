@@ -261,9 +261,12 @@ class RedisStore:
         self._wait_replicas = settings.redis_wait_replicas
         # WAIT gets half the deadline, leaving the rest for the write itself.
         self._wait_ms = max(1, int(settings.redis_timeout * 500))
-        # Pools that fail rather than wait when exhausted get a semaphore of
-        # the same size, so a burst queues (within the deadline) instead.
-        self._limit: asyncio.Semaphore | None = None
+        # Calls queue for a permit, first come first served, before they ask
+        # the pool for a connection. The pool's own wait lets a newly arrived
+        # call take a connection that was freed for a waiting one, so under
+        # overload some calls waited until their deadline while later ones
+        # went ahead; pools that fail rather than wait need the queue too.
+        self._limit = asyncio.Semaphore(settings.redis_max_connections)
         self.reachable: bool | None = None
         self._expired_reads = 0
 
@@ -577,8 +580,6 @@ class _Guard:
         self._timer = asyncio.timeout(self._timeout)
         await self._timer.__aenter__()
         limit = self._store._limit
-        if limit is None:
-            return
         try:
             await limit.acquire()
         except BaseException as exc:
@@ -824,7 +825,6 @@ class SentinelStore(RedisStore):
     def __init__(self, client: Redis, settings: Settings, sentinel: Sentinel) -> None:
         super().__init__(client, settings)
         self._sentinel = sentinel
-        self._limit = asyncio.Semaphore(settings.redis_max_connections)
 
     @classmethod
     def from_settings(  # type: ignore[override]

@@ -1,6 +1,7 @@
 """The store alone: on fakeredis and on a real server, without HTTP."""
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import fakeredis
@@ -151,6 +152,33 @@ async def test_deadline_raises_timeout_and_frees_the_connection(
     assert slow.pool_stats().in_use == 0
     assert await slow.get("k") is None
     await slow.aclose()
+
+
+async def test_calls_waiting_for_a_connection_are_served_in_arrival_order(
+    settings: Settings,
+) -> None:
+    assert settings.redis_url is not None
+    store = RedisStore.from_settings(
+        dataclasses.replace(settings, redis_max_connections=1), settings.redis_url
+    )
+    finished: list[str] = []
+    late: list[asyncio.Task[None]] = []
+
+    async def read(name: str) -> None:
+        await store.get(name)
+        finished.append(name)
+
+    first = asyncio.create_task(read("first"))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(read(f"waiting-{n}")) for n in range(3)]
+    # Arrives just as the only connection is handed back, before any
+    # waiting call has run again: it must queue behind them.
+    first.add_done_callback(lambda _: late.append(asyncio.create_task(read("late"))))
+    await asyncio.gather(first, *waiting)
+    await late[0]
+    await store.aclose()
+
+    assert finished == ["first", "waiting-0", "waiting-1", "waiting-2", "late"]
 
 
 @pytest.mark.parametrize(
