@@ -210,13 +210,17 @@ class Suite:
 
         Servers for the other network path are stopped first, so that idle
         servers do not hold memory and connections during measurements.
+        Behind the delay proxy only one server runs at a time: the proxy
+        holds a limited number of connections, and idle pools would take
+        them from the target being measured.
         """
         key = (name, delayed)
         if key in self._servers:
             return self._servers[key]
 
-        for other in [k for k in self._servers if k[1] != delayed]:
-            self._servers.pop(other).child.stop()
+        self._stop_servers(delayed=not delayed)
+        if delayed:
+            self._stop_servers(delayed=True)
         redis_url = self._start_proxy().url if delayed else self.redis.url
         settings = ServerSettings(
             redis_url=redis_url,
@@ -231,6 +235,10 @@ class Suite:
         server = start_server(name, settings, label)
         self._servers[key] = server
         return server
+
+    def _stop_servers(self, *, delayed: bool) -> None:
+        for key in [k for k in self._servers if k[1] == delayed]:
+            self._servers.pop(key).child.stop()
 
     def _proxy_refusals(self) -> int:
         return 0 if self.proxy is None else self.proxy.refusals()
@@ -349,6 +357,8 @@ class Suite:
     ) -> Measurement:
         backend = self._backend(scenario.delayed)
         port = self.proxy.port if scenario.delayed and self.proxy else self.redis.port
+        if scenario.delayed:
+            self._stop_servers(delayed=True)
         # Multi-key commands do more per request, so fewer requests keep the
         # run about as long as the single-key ones.
         keys_per_request = max(1, (len(scenario.redis_command) - 1) // 2)
