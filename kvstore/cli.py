@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 # The factory each server (and each worker process) imports the app from.
 APPLICATION = "kvstore.cli:worker_app"
-BACKLOG = 1024
+# Connections the kernel may hold for the workers to accept. A burst larger
+# than this (a thousand clients connecting at once) has its excess SYNs
+# dropped and retried a second later. Linux caps it at net.core.somaxconn.
+BACKLOG = 4096
 # Seconds an idle connection, or one still sending its request head, is kept.
 KEEP_ALIVE_TIMEOUT = 5.0
 # What the server may buffer of a request head beyond KVSTORE_MAX_HEADER_BYTES:
