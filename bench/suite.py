@@ -42,6 +42,10 @@ from bench.targets import (
 
 log = logging.getLogger(__name__)
 
+# A server using less than this share of a core over one interval is idle.
+IDLE_CORES = 0.05
+SETTLE_INTERVAL = 0.2
+
 MEBIBYTE = 1024 * 1024
 PING_SAMPLES = 300
 CALIBRATION_ATTEMPTS = 4
@@ -333,6 +337,7 @@ class Suite:
 
         if config.warmup > 0:
             load(config.warmup)
+            _settle(server.child)
         refused = self._proxy_refusals()
         other = OtherLoad()
         cpu_before = server.child.cpu_seconds()
@@ -545,3 +550,20 @@ def _median_run(runs: list[Measurement]) -> Measurement:
     chosen.note = "; ".join(sorted({run.note for run in runs if run.note}))
     chosen.requests = len(runs)
     return chosen
+
+
+def _settle(server: Child, limit: float = 10.0) -> None:
+    """Wait until `server` is idle, at most `limit` seconds.
+
+    When wrk's warm-up run ends, its requests still in flight (hundreds at
+    high connection counts) are still being served; measuring at once would
+    queue the measured requests behind them.
+    """
+    deadline = time.monotonic() + limit
+    before = server.cpu_seconds()
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_INTERVAL)
+        now = server.cpu_seconds()
+        if now - before < SETTLE_INTERVAL * IDLE_CORES:
+            return
+        before = now
