@@ -25,6 +25,7 @@ import argparse
 import collections
 import concurrent.futures
 import datetime
+import http.client
 import logging
 import shutil
 import subprocess
@@ -32,10 +33,11 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
-from bench.dataset import Dataset
+from bench.dataset import KEY_ID_PREFIX, Dataset
 from bench.loadgen import run_wrk
-from bench.procs import Child
+from bench.procs import LOOPBACK, Child
 from bench.targets import (
     BENCH_DIR,
     FLASK,
@@ -51,6 +53,7 @@ log = logging.getLogger("bench.profile")
 
 KEY_PREFIX = "kvstore:"
 KEYS = 10_000
+WILDCARD = "WILDCARD"
 SAMPLE_RATE = 200
 WARMUP_SECONDS = 2
 
@@ -155,25 +158,25 @@ def profile_target(
 ) -> tuple[dict[str, int], int, float]:
     """Sample `target` under load; return its category counts, total and req/s."""
     server = start_server(target, settings, "profile")
+    duration = seconds + 2 * WARMUP_SECONDS
+    token = settings.api_token or ""
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            load = pool.submit(
-                run_wrk,
-                server.url,
-                "single.lua",
-                connections=connections,
-                duration=seconds + 2 * WARMUP_SECONDS,
-                timeout=2.0,
-                max_requests=50_000_000,
-                options={
-                    "method": method,
-                    "keys": KEYS,
-                    "token": settings.api_token or "",
-                },
-            )
+            load: concurrent.futures.Future[float]
+            if method == WILDCARD:
+                load = pool.submit(read_everything, server.port, token, duration)
+            else:
+                load = pool.submit(
+                    _wrk_rate,
+                    server.url,
+                    method,
+                    connections,
+                    duration,
+                    token,
+                )
             time.sleep(WARMUP_SECONDS)
             paths = sample_workers(server.child, seconds, out_dir, target)
-            result = load.result()
+            rate = load.result()
     finally:
         server.child.stop()
     counts: collections.Counter[str] = collections.Counter()
@@ -182,7 +185,42 @@ def profile_target(
         found, samples = shares(path.read_text().splitlines())
         counts.update(found)
         total += samples
-    return dict(counts), total, result.rps
+    return dict(counts), total, rate
+
+
+def _wrk_rate(
+    url: str, method: str, connections: int, duration: int, token: str
+) -> float:
+    result = run_wrk(
+        url,
+        "single.lua",
+        connections=connections,
+        duration=duration,
+        timeout=2.0,
+        max_requests=50_000_000,
+        options={"method": method, "keys": KEYS, "token": token},
+    )
+    return result.rps
+
+
+def read_everything(port: int, token: str, duration: int) -> float:
+    """Read every key by wildcard, one read after another; return reads/s."""
+    path = "/keys?filter=" + quote(KEY_ID_PREFIX + "$")
+    headers = {"Authorization": f"Bearer {token}"}
+    started = time.monotonic()
+    reads = 0
+    while time.monotonic() - started < duration:
+        connection = http.client.HTTPConnection(LOOPBACK, port, timeout=600)
+        try:
+            connection.request("GET", path, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"wildcard read answered {response.status}")
+        finally:
+            connection.close()
+        reads += 1
+    return reads / (time.monotonic() - started)
 
 
 def render(
@@ -193,10 +231,16 @@ def render(
     """A Markdown table: each category's share of each target's samples."""
     names = list(results)
     rows = [name for name, _ in CATEGORIES] + [OTHER]
+    if method == WILDCARD:
+        title = f"GET /keys?filter={KEY_ID_PREFIX}$ over every key, one at a time"
+        rate = "reads/s"
+    else:
+        title = f"{method} /keys/{{id}}, c{connections}"
+        rate = "req/s"
     lines = [
-        f"# Where the workers' CPU goes: {method} /keys/{{id}}, c{connections}",
+        f"# Where the workers' CPU goes: {title}",
         "",
-        f"py-spy samples of every worker while wrk ran, {SAMPLE_RATE} per second, "
+        f"py-spy samples of every worker under load, {SAMPLE_RATE} per second, "
         "charged to the package of the innermost Python frame "
         "(see bench/profile.py).",
         "",
@@ -212,8 +256,8 @@ def render(
         if any(cell != "0%" for cell in cells):
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines.append(
-        "| req/s during sampling | "
-        + " | ".join(f"{results[n][2]:,.0f}" for n in names)
+        f"| {rate} during sampling | "
+        + " | ".join(f"{results[n][2]:,.1f}" for n in names)
         + " |"
     )
     return "\n".join(lines) + "\n"
@@ -227,7 +271,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=f"{KVSTORE},{QUART_BARE}",
         help=f"comma-separated, among {KVSTORE}, {QUART_BARE}, {FLASK}",
     )
-    parser.add_argument("--method", choices=("GET", "PUT"), default="GET")
+    parser.add_argument(
+        "--method",
+        choices=("GET", "PUT", WILDCARD),
+        default="GET",
+        help=f"single-key GET or PUT by wrk, or {WILDCARD}: GET /keys?filter=key-$ "
+        "over every key, one read at a time",
+    )
+    parser.add_argument(
+        "--keys", type=int, default=KEYS, help="keys loaded into Redis (10000)"
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=int, default=10, help="sampling time")
     parser.add_argument("--workers", type=int, default=2)
@@ -249,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         client = redis.client()
         try:
-            Dataset(client, KEY_PREFIX).ensure(KEYS)
+            Dataset(client, KEY_PREFIX).ensure(args.keys)
         finally:
             client.close()
         settings = ServerSettings(
