@@ -12,11 +12,11 @@ import gc
 from kvstore.cli import worker_app
 
 app = worker_app()
-print(app.name, gc.get_threshold()[0], gc.get_freeze_count() > 0)
+print(app.name, gc.get_threshold()[0])
 """
 
 
-def test_a_worker_app_freezes_startup_objects_and_collects_less_often() -> None:
+def test_a_worker_app_collects_young_garbage_less_often() -> None:
     env = {**os.environ, "KVSTORE_REDIS_URL": "redis://127.0.0.1:1/0"}
 
     completed = subprocess.run(
@@ -28,4 +28,4 @@ def test_a_worker_app_freezes_startup_objects_and_collects_less_often() -> None:
         check=True,
     )
 
-    assert completed.stdout.split() == ["kvstore", str(GC_YOUNG_THRESHOLD), "True"]
+    assert completed.stdout.split() == ["kvstore", str(GC_YOUNG_THRESHOLD)]
