@@ -20,7 +20,6 @@ import asyncio
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.dataset import Dataset, key_id
-from bench.targets import KVSTORE, QUART_BARE, RedisServer
+from bench.dataset import key_id
+from bench.loadgen import require_program
+from bench.targets import KVSTORE, QUART_BARE, loaded_redis
 
 KEY_PREFIX = "kvstore:"
 KEYS = 10_000
@@ -162,9 +162,7 @@ def child_env(redis_url: str) -> dict[str, str]:
 
 def count_instructions(target: str, method: str, requests: int, redis_url: str) -> int:
     """Instructions one child run executes in all, start-up included."""
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    valgrind = require_program("valgrind")
     argv = [
         valgrind,
         "--tool=callgrind",
@@ -211,22 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     methods = [m.strip().upper() for m in args.methods.split(",") if m.strip()]
-    with tempfile.TemporaryDirectory() as scratch:
-        redis = RedisServer(Path(scratch))
-        redis.start()
-        try:
-            client = redis.client()
-            try:
-                Dataset(client, KEY_PREFIX).ensure(KEYS)
-            finally:
-                client.close()
-            rows = []
-            for method in methods:
-                kvstore = per_request(KVSTORE, method, redis.url)
-                bare = per_request(QUART_BARE, method, redis.url)
-                rows.append((method, kvstore, bare))
-        finally:
-            redis.stop()
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        loaded_redis(Path(scratch), KEY_PREFIX, KEYS) as redis,
+    ):
+        rows = []
+        for method in methods:
+            kvstore = per_request(KVSTORE, method, redis.url)
+            bare = per_request(QUART_BARE, method, redis.url)
+            rows.append((method, kvstore, bare))
 
     lines = [
         "| request | kvstore | quart-bare | kvstore / quart-bare |",

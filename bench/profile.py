@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from bench.dataset import KEY_ID_PREFIX, Dataset
+from bench.dataset import KEY_ID_PREFIX
 from bench.loadgen import run_wrk
 from bench.procs import LOOPBACK, Child
 from bench.targets import (
@@ -43,8 +43,8 @@ from bench.targets import (
     FLASK,
     KVSTORE,
     QUART_BARE,
-    RedisServer,
     ServerSettings,
+    loaded_redis,
     new_api_token,
     start_server,
 )
@@ -297,14 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_dir = out_dir / "tmp" / f"profile-{stamp}"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    redis = RedisServer(log_dir)
-    redis.start()
-    try:
-        client = redis.client()
-        try:
-            Dataset(client, KEY_PREFIX).ensure(args.keys)
-        finally:
-            client.close()
+    with loaded_redis(log_dir, KEY_PREFIX, args.keys) as redis:
         settings = ServerSettings(
             redis_url=redis.url,
             key_prefix=KEY_PREFIX,
@@ -324,8 +317,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             for target in targets
         }
-    finally:
-        redis.stop()
 
     table = render(args.method, args.connections, results)
     (out_dir / f"profile-{args.method.lower()}.md").write_text(table)

@@ -18,11 +18,14 @@ import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
 
+from bench.dataset import Dataset
 from bench.delay_proxy import REFUSAL_MESSAGE
 from bench.procs import (
     LOOPBACK,
@@ -267,6 +270,22 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server; its data is discarded."""
         self.child.stop()
+
+
+@contextmanager
+def loaded_redis(log_dir: Path, key_prefix: str, keys: int) -> Iterator[RedisServer]:
+    """A private Redis holding `keys` preloaded keys, stopped after the block."""
+    redis = RedisServer(log_dir)
+    redis.start()
+    try:
+        client = redis.client()
+        try:
+            Dataset(client, key_prefix).ensure(keys)
+        finally:
+            client.close()
+        yield redis
+    finally:
+        redis.stop()
 
 
 class DelayProxyServer:
