@@ -949,7 +949,6 @@ class ClusterStore(RedisStore):
             )
         super().__init__(client, settings)
         self._cluster: RedisCluster = client
-        self._limit = asyncio.Semaphore(settings.redis_max_connections)
         self._per_node_limit = settings.redis_max_connections
         self._stage_ms = int(settings.redis_timeout * 2000) + 1000
         self._stage_script = client.register_script(STAGE_SCRIPT)
